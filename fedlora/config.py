@@ -1,0 +1,314 @@
+"""One typed experiment config: YAML in, dotted `--set` overrides, validated up front.
+
+Every error names the dotted field and what would be valid, so a typo never
+silently runs the default experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the dotted field."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "wordnet-topics"
+    path: str | None = None  # data file/dir for tasks that read local data
+    num_clients: int = 100
+    partition: str = "dirichlet"  # dirichlet | iid | natural | iid_mix
+    alpha: float = 0.1  # Dirichlet concentration
+    mix: float = 0.0  # iid_mix: fraction of each user's data pooled
+    max_examples: int | None = None  # subsample the training set (quick runs)
+    test_size: int = 2000  # held-out examples (stratified, fixed by the seed)
+    max_length: int = 64  # tokens
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # local folder or hub name; None = the task's default backbone
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None = the task's default (query/value)
+    train_head: bool = True
+
+
+@dataclass
+class MethodConfig:
+    name: str = "flasc"
+    d_down: float = 1.0
+    d_up: float = 0.25
+    density: float = 0.25  # fixed-density baselines
+    prune_ratio: float = 0.02  # adapter_lth / fedsparsify: fraction removed per prune
+    prune_every: int = 1  # rounds between prunes
+
+
+@dataclass
+class ClientConfig:
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 16
+    epochs: int = 1
+    max_steps: int | None = None  # cap on local steps per round
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = "fedadam"  # fedavg | fedadam | fedyogi | fedadagrad
+    lr: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    tau: float = 1e-8  # adaptivity / eps
+    bias_correction: bool = True  # the paper's Algorithm 1 instantiates torch Adam
+    weight_decay: float = 0.0  # decoupled (AdamW-style); reference code used 0.01
+    weighted: bool = False  # weight client updates by dataset size
+
+
+@dataclass
+class CommConfig:
+    values: str = "float32"  # value encoding for both directions unless overridden
+    up_values: str | None = None
+    down_values: str | None = None
+    max_bytes: int | None = None  # reject any payload larger than this
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    rounds: int = 40
+    clients_per_round: int = 10
+    eval_every: int = 5
+    eval_batch_size: int = 128
+    checkpoint_every: int | None = None  # None = every evaluation round
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------- building
+
+
+def _parse_number(text: str) -> Any:
+    """Accept `1/4` for densities as well as YAML scalars."""
+    if isinstance(text, str) and "/" in text:
+        try:
+            return float(Fraction(text.strip()))
+        except (ValueError, ZeroDivisionError):
+            return text
+    return text
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    tname = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    optional = "None" in tname
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    value = _parse_number(value)
+    base = tname.replace(" | None", "").strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, str | int | float):
+                raise ValueError
+            return str(value)
+        if base == "list[str]":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return list(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: expected {base}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key '{where}{unknown[0]}' (valid: {', '.join(sorted(known))})"
+        )
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if is_dataclass(sub):
+            kwargs[name] = _build(type(sub), data[name] or {}, key)
+        else:
+            kwargs[name] = _coerce(data[name], f.type, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`["method.d_up=1/4", "rounds=3"]` -> nested dict, values parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Build and validate a Config from an optional YAML file plus overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    cfg = _build(Config, _merge(data, over), "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _density(value: float, key: str) -> None:
+    _check(0.0 < value <= 1.0 and math.isfinite(value), key, f"must be in (0, 1], got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and names; registries are imported lazily to keep imports one-way."""
+    from fedlora.comm.codec import VALUE_FORMATS
+    from fedlora.methods import METHODS
+    from fedlora.server.optim import OPTIMIZERS
+    from fedlora.tasks import TASKS
+
+    _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(cfg.clients_per_round >= 1, "clients_per_round", "must be >= 1")
+    _check(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    _check(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+    if cfg.checkpoint_every is not None:
+        _check(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+    _check(
+        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+        "device",
+        f"must be auto, cpu or cuda[:N], got {cfg.device!r}",
+    )
+    t = cfg.task
+    _check(t.name in TASKS, "task.name", f"unknown task {t.name!r} (valid: {', '.join(TASKS)})")
+    _check(t.num_clients >= 1, "task.num_clients", "must be >= 1")
+    parts = ("dirichlet", "iid", "natural", "iid_mix")
+    _check(t.partition in parts, "task.partition", f"must be one of {', '.join(parts)}")
+    _check(t.alpha > 0, "task.alpha", f"must be > 0, got {t.alpha}")
+    _check(0.0 <= t.mix <= 1.0, "task.mix", "must be in [0, 1]")
+    if t.max_examples is not None:
+        _check(t.max_examples >= 1, "task.max_examples", "must be >= 1")
+    _check(t.test_size >= 1, "task.test_size", "must be >= 1")
+    _check(t.max_length >= 2, "task.max_length", "must be >= 2")
+    m = cfg.model
+    _check(m.rank >= 1, "model.rank", f"must be >= 1, got {m.rank}")
+    _check(m.alpha > 0, "model.alpha", "must be > 0")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    me = cfg.method
+    _check(me.name in METHODS, "method.name",
+           f"unknown method {me.name!r} (valid: {', '.join(METHODS)})")
+    for k in ("d_down", "d_up", "density"):
+        _density(getattr(me, k), f"method.{k}")
+    _check(0.0 <= me.prune_ratio < 1.0, "method.prune_ratio", "must be in [0, 1)")
+    _check(me.prune_every >= 1, "method.prune_every", "must be >= 1")
+    c = cfg.client
+    _check(c.lr > 0, "client.lr", "must be > 0")
+    _check(0.0 <= c.momentum < 1.0, "client.momentum", "must be in [0, 1)")
+    _check(c.batch_size >= 1, "client.batch_size", "must be >= 1")
+    _check(c.epochs >= 1, "client.epochs", "must be >= 1")
+    if c.max_steps is not None:
+        _check(c.max_steps >= 1, "client.max_steps", "must be >= 1")
+    s = cfg.server
+    _check(s.optimizer in OPTIMIZERS, "server.optimizer",
+           f"unknown optimizer {s.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
+    _check(s.lr > 0, "server.lr", "must be > 0")
+    _check(0.0 <= s.beta1 < 1.0, "server.beta1", "must be in [0, 1)")
+    _check(0.0 <= s.beta2 < 1.0, "server.beta2", "must be in [0, 1)")
+    _check(s.tau > 0, "server.tau", "must be > 0")
+    _check(s.weight_decay >= 0, "server.weight_decay", "must be >= 0")
+    for k in ("values", "up_values", "down_values"):
+        v = getattr(cfg.comm, k)
+        if v is not None:
+            _check(v in VALUE_FORMATS, f"comm.{k}",
+                   f"unknown value format {v!r} (valid: {', '.join(VALUE_FORMATS)})")
+    if cfg.comm.max_bytes is not None:
+        _check(cfg.comm.max_bytes >= 16, "comm.max_bytes", "must be >= 16")

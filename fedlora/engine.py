@@ -1,0 +1,216 @@
+"""The round loop: sample, download, train, upload, aggregate, evaluate, checkpoint.
+
+What the server aggregates is exactly what it decoded from the bytes each client
+sent; the ledger counts `len(bytes)`. One resident model; clients differ only by
+the flat vector swapped into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedlora import rundir
+from fedlora.comm import codec
+from fedlora.comm.ledger import Ledger
+from fedlora.config import Config, config_from_dict
+from fedlora.data.federated import client_batches
+from fedlora.methods import build_method
+from fedlora.model.flat import FlatAdapter
+from fedlora.rng import np_rng, torch_seed
+from fedlora.server.aggregate import weighted_mean
+from fedlora.server.optim import ServerOptimizer
+from fedlora.tasks import build_task
+
+log = logging.getLogger("fedlora")
+
+
+class Simulation:
+    """One federated run in `out`. `Simulation(cfg, out).run()` returns the summary."""
+
+    def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False,
+                 progress: bool = True, task=None):
+        self.cfg, self.progress = cfg, progress
+        self.out = rundir.prepare(Path(out), resume)
+        self.task = task if task is not None else build_task(cfg)
+        self.device = next(self.task.model.parameters()).device
+        self.adapter = FlatAdapter(self.task.model)
+        self.n = self.adapter.n
+        self.P = self.adapter.vector.detach().clone()  # the server vector
+        self.server = ServerOptimizer(cfg.server, self.n, self.device)
+        self.method = build_method(cfg, self.adapter)
+        self.ledger = Ledger()
+        self.round = 0
+        # Test hook: rewrite a client's upload bytes (e.g. corrupt them) before decoding.
+        self.tamper: Callable[[int, int, bytes], bytes] | None = None
+        if resume:
+            self._restore()
+        else:
+            cfg.save(self.out / "config.yaml")
+            (self.out / "layout.json").write_text(self.adapter.layout_json())
+
+    @classmethod
+    def resume(cls, out: str | Path, rounds: int | None = None, **kw) -> Simulation:
+        import yaml
+
+        data = yaml.safe_load((Path(out) / "config.yaml").read_text())
+        if rounds is not None:
+            data["rounds"] = rounds
+        sim = cls(config_from_dict(data), out, resume=True, **kw)
+        if rounds is not None:
+            sim.cfg.save(sim.out / "config.yaml")
+        return sim
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.rounds, initial=self.round, disable=not self.progress,
+                   desc=f"{cfg.method.name} r={cfg.model.rank}", unit="round", leave=False)
+        while self.round < cfg.rounds:
+            t = self.round + 1
+            start = time.perf_counter()
+            self.ledger.start_round()
+            cohort = self.sample(t)
+            self.method.begin_round(self.P, t)
+            updates, weights, dropped, losses = [], [], [], []
+            for c in cohort:
+                decoded, stats = self.client_round(t, int(c))
+                if decoded is None:
+                    dropped.append(int(c))
+                    continue
+                updates.append(decoded)
+                weights.append(len(self.task.data.clients[c]))
+                losses.append(stats["train_loss"])
+            if updates:
+                g = weighted_mean(updates, weights if cfg.server.weighted else None)
+                self.server.step(self.P, g)
+            self.method.end_round(self.P, t)
+            row = {"round": t, "clients": len(cohort), "aggregated": len(updates),
+                   "upload_bytes": self.ledger.round_upload,
+                   "download_bytes": self.ledger.round_download,
+                   "cum_upload_bytes": self.ledger.cum_upload,
+                   "cum_download_bytes": self.ledger.cum_download,
+                   "train_loss": float(np.mean(losses)) if losses else None}
+            if dropped:
+                row["dropped"] = dropped
+            row["wall_s"] = time.perf_counter() - start
+            if t % cfg.eval_every == 0 or t == cfg.rounds:
+                row.update(self.evaluate())
+                bar.set_postfix(acc=f"{row.get(self.task.utility, float('nan')):.3f}",
+                                up=f"{self.ledger.cum_upload / 1e6:.1f}MB")
+            self.round = t
+            rundir.append_jsonl(self.out / "ledger.jsonl", self.ledger.rows)
+            rundir.append_jsonl(self.out / "metrics.jsonl", [row])
+            every = cfg.checkpoint_every or cfg.eval_every
+            if t % every == 0 or t == cfg.rounds:
+                self.checkpoint()
+            bar.update(1)
+        bar.close()
+        return self.write_summary()
+
+    def client_round(self, t: int, c: int) -> tuple[torch.Tensor | None, dict]:
+        """Download, train and upload for client c; returns what the server decoded."""
+        cfg, comm = self.cfg, self.cfg.comm
+        down = codec.encode(self.P, self.method.download_mask(self.P, t),
+                            values=comm.down_values or comm.values)
+        P_i = codec.decode(down, self.n, max_bytes=comm.max_bytes).to(self.device)
+        self.adapter.load_(P_i)
+        torch.manual_seed(torch_seed(cfg.seed, "dropout", t, c))
+        batches = client_batches(self.task.data.clients[c], cfg.client.batch_size,
+                                 cfg.client.epochs, cfg.client.max_steps,
+                                 np_rng(cfg.seed, "data_order", t, c))
+        stats = self._train(batches, self.method.train_mask(self.P, t))
+        delta = P_i - self.adapter.vector
+        up = codec.encode(delta, self.method.upload_mask(delta, t),
+                          values=comm.up_values or comm.values)
+        if self.tamper is not None:
+            up = self.tamper(t, c, up)
+        self.ledger.record(t, c, upload=len(up), download=len(down))
+        try:
+            return codec.decode(up, self.n, max_bytes=comm.max_bytes).to(self.device), stats
+        except codec.CodecError as e:
+            log.warning("round %d: dropped client %d, its upload failed to decode: %s", t, c, e)
+            return None, stats
+
+    def _train(self, batches, grad_mask):
+        from fedlora.client.train import train_client
+
+        c = self.cfg.client
+        return train_client(self.task, self.adapter, batches, lr=c.lr, momentum=c.momentum,
+                            device=self.device, grad_mask=grad_mask)
+
+    def sample(self, t: int) -> np.ndarray:
+        """Uniformly without replacement among non-empty clients, from the sampling stream."""
+        eligible = self.task.data.eligible
+        m = min(self.cfg.clients_per_round, len(eligible))
+        return np_rng(self.cfg.seed, "sampling", t).choice(eligible, size=m, replace=False)
+
+    def evaluate(self) -> dict[str, float]:
+        start = time.perf_counter()
+        self.adapter.load_(self.P)
+        metrics = self.task.evaluate(self.task.model, self.task.data.test,
+                                     self.cfg.eval_batch_size, self.device)
+        return {**metrics, "eval_s": time.perf_counter() - start}
+
+    # ---------------------------------------------------------------- state
+
+    def checkpoint(self) -> None:
+        tensors = {"P": self.P, **self.server.state_tensors(), **{
+            f"method.{k}": v for k, v in self.method.state_tensors().items()}}
+        meta = {"round": self.round, "server_steps": self.server.step_count,
+                "cum_upload_bytes": self.ledger.cum_upload,
+                "cum_download_bytes": self.ledger.cum_download,
+                "method": self.method.state_json(), "n": self.n}
+        rundir.save_checkpoint(self.out, tensors, meta)
+
+    def _restore(self) -> None:
+        tensors, meta = rundir.load_checkpoint(self.out)
+        if meta["n"] != self.n:
+            raise rundir.RunDirError(f"checkpoint has n={meta['n']}, this model n={self.n}")
+        self.P.copy_(tensors["P"])
+        self.server.load_state(tensors, meta["server_steps"])
+        self.method.load_state({k[7:]: v.to(self.device) for k, v in tensors.items()
+                                if k.startswith("method.")}, meta["method"])
+        self.ledger.cum_upload = meta["cum_upload_bytes"]
+        self.ledger.cum_download = meta["cum_download_bytes"]
+        self.round = meta["round"]
+        for name in ("metrics.jsonl", "ledger.jsonl"):
+            rundir.truncate_jsonl(self.out / name, self.round)
+
+    def write_summary(self) -> dict:
+        rows = rundir.read_jsonl(self.out / "metrics.jsonl")
+        evals = [r for r in rows if self.task.utility in r]
+        final = {k: v for k, v in (evals[-1] if evals else {}).items()
+                 if k not in ("round", "clients", "aggregated", "dropped")}
+        summary = {
+            "finished": self.round >= self.cfg.rounds, "rounds": self.round,
+            "utility": self.task.utility,
+            "final": {k: final[k] for k in final if not k.endswith("_bytes")},
+            "best": max((r[self.task.utility] for r in evals), default=None),
+            "total_upload_bytes": self.ledger.cum_upload,
+            "total_download_bytes": self.ledger.cum_download,
+            "dropped_uploads": sum(len(r.get("dropped", [])) for r in rows),
+            "wall_s": float(sum(r["wall_s"] for r in rows)),
+            "num_params": self.n, "dense_float32_bytes": 4 * self.n,
+            "num_clients": len(self.task.data.clients),
+            "empty_clients": self.task.data.empty_clients,
+        }
+        rundir.write_json(self.out / "summary.json", summary)
+        from safetensors.torch import save_file
+
+        self.adapter.load_(self.P)
+        save_file({e.name: self.P[e.slice].view(e.shape).detach().cpu().contiguous()
+                   for e in self.adapter.layout}, str(self.out / "adapter.safetensors"))
+        return summary
+
+
+def run(cfg: Config, out: str | Path, **kw) -> dict:
+    """Run `cfg` into run directory `out` and return its summary."""
+    return Simulation(cfg, out, **kw).run()

@@ -1,0 +1,7 @@
+"""Dense federated LoRA (paper Algorithm 4 in FL form): no masks, rank is the only knob."""
+
+from fedlora.methods.base import Method
+
+
+class LoRA(Method):
+    pass

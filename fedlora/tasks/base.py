@@ -1,0 +1,97 @@
+"""What every task provides: federated data, a model with LoRA, a loss and an evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedlora.data import partition
+from fedlora.data.federated import FederatedData, Split
+from fedlora.rng import np_rng
+
+
+class Task(Protocol):
+    name: str
+    data: FederatedData
+    model: torch.nn.Module
+    utility: str  # the headline metric, e.g. "accuracy"
+
+    def batch(self, split: Split, idx: np.ndarray, device: torch.device,
+              train: bool) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def evaluate(self, model: torch.nn.Module, split: Split, batch_size: int,
+                 device: torch.device) -> dict[str, float]: ...
+
+
+@dataclass
+class Examples:
+    """Raw labelled examples as a loader returns them, before splitting and tokenising."""
+
+    inputs: list  # texts (or image arrays)
+    labels: list  # label names or ids, any hashable
+    clients: list | None = None  # natural partition key per example
+    is_test: np.ndarray | None = None  # a fixed official split, when the data has one
+
+
+def label_map(labels: list) -> tuple[np.ndarray, list[str]]:
+    """Integer labels from a label list, the map sorted by name (numbers numerically)."""
+    names = sorted({str(x) for x in labels},
+                   key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0.0, s))
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[str(x)] for x in labels], dtype=np.int64), names
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def stratified_test_split(labels: np.ndarray, test_size: int,
+                          rng: np.random.Generator) -> np.ndarray:
+    """Boolean is_test with `test_size` examples, classes in proportion (largest remainder)."""
+    n = len(labels)
+    if test_size >= n:
+        raise ValueError(f"task.test_size: {test_size} leaves no training data ({n} examples)")
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = partition._largest_remainder(counts / n, test_size)
+    is_test = np.zeros(n, dtype=bool)
+    for c, q in zip(classes, quota):
+        idx = np.flatnonzero(labels == c)
+        is_test[idx[rng.permutation(len(idx))[:q]]] = True
+    return is_test
+
+
+def partition_clients(cfg, labels: np.ndarray, clients: list | None,
+                      seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """Apply `task.partition` to the training examples."""
+    t = cfg.task
+    rng = np_rng(seed, "partition")
+    if t.partition in ("natural", "iid_mix"):
+        if clients is None:
+            raise ValueError(f"task.partition: '{t.partition}' needs a client column; "
+                             f"task '{t.name}' has none (use dirichlet or iid)")
+        parts, names = partition.natural(clients)
+        if t.partition == "iid_mix":
+            parts = partition.iid_mix(parts, t.mix, rng)
+        return parts, names
+    if t.partition == "iid":
+        parts = partition.iid(len(labels), t.num_clients, rng)
+    else:
+        parts = partition.dirichlet(labels, t.num_clients, t.alpha, rng)
+    return parts, [str(i) for i in range(len(parts))]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: '{name}' requested but CUDA is not available here")
+    return torch.device(name)
