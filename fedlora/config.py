@@ -30,7 +30,10 @@ class TaskConfig:
     mix: float = 0.0  # iid_mix: fraction of each user's data pooled
     max_examples: int | None = None  # subsample the training set (quick runs)
     test_size: int = 2000  # held-out examples (stratified, fixed by the seed)
-    max_length: int = 64  # tokens
+    max_length: int = 32  # tokens
+    formulation: str = "classification"  # classification | text_to_text (label text via LM head)
+    image_size: int = 224  # pixels, image tasks
+    cache_dir: str | None = None  # de-quantised weights etc.; None = ~/.cache/fedlora
 
 
 @dataclass
@@ -55,7 +58,7 @@ class MethodConfig:
 
 @dataclass
 class ClientConfig:
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
     batch_size: int = 16
     epochs: int = 1
@@ -65,7 +68,7 @@ class ClientConfig:
 @dataclass
 class ServerConfig:
     optimizer: str = "fedadam"  # fedavg | fedadam | fedyogi | fedadagrad
-    lr: float = 1e-2
+    lr: float = 5e-3
     beta1: float = 0.9
     beta2: float = 0.999
     tau: float = 1e-8  # adaptivity / eps
@@ -279,6 +282,9 @@ def validate(cfg: Config) -> None:
         _check(t.max_examples >= 1, "task.max_examples", "must be >= 1")
     _check(t.test_size >= 1, "task.test_size", "must be >= 1")
     _check(t.max_length >= 2, "task.max_length", "must be >= 2")
+    forms = ("classification", "text_to_text")
+    _check(t.formulation in forms, "task.formulation", f"must be one of {', '.join(forms)}")
+    _check(t.image_size >= 8, "task.image_size", "must be >= 8")
     m = cfg.model
     _check(m.rank >= 1, "model.rank", f"must be >= 1, got {m.rank}")
     _check(m.alpha > 0, "model.alpha", "must be > 0")

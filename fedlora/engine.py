@@ -90,7 +90,7 @@ class Simulation:
                 losses.append(stats["train_loss"])
             if updates:
                 g = weighted_mean(updates, weights if cfg.server.weighted else None)
-                self.server.step(self.P, g)
+                self.server.step(self.P, g, self.method.step_mask(t))
             self.method.end_round(self.P, t)
             row = {"round": t, "clients": len(cohort), "aggregated": len(updates),
                    "upload_bytes": self.ledger.round_upload,

@@ -32,6 +32,11 @@ class Method:
     def upload_mask(self, delta: torch.Tensor, round_: int) -> torch.Tensor | None:
         return None
 
+    def step_mask(self, round_: int) -> torch.Tensor | None:
+        """Entries the server optimizer may change this round (None = all). Entries outside
+        keep their value and their optimizer state, e.g. Federated Select's unselected ones."""
+        return None
+
     def end_round(self, P: torch.Tensor, round_: int) -> None:
         """After the server step (e.g. keep pruned entries exactly zero)."""
 

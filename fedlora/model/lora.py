@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedlora.config import ModelConfig
+from fedlora.config import Config
 
 
-def add_lora(model: torch.nn.Module, cfg: ModelConfig, default_targets: list[str],
+def add_lora(model: torch.nn.Module, config: Config, default_targets: list[str],
              head: str | None) -> torch.nn.Module:
     """Wrap `model` with LoRA. The caller seeds torch's RNG (the `init` stream) around
     model loading and this call, so the new head and every A are the same on all clients."""
+    cfg = config.model
     targets = cfg.target_modules or default_targets
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]

@@ -35,8 +35,14 @@ class ServerOptimizer:
         self.v = torch.zeros(n, device=device) if adaptive else None
 
     @torch.no_grad()
-    def step(self, P: torch.Tensor, g: torch.Tensor) -> None:
-        """Update the server vector P in place from pseudo-gradient g."""
+    def step(self, P: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Update P in place from pseudo-gradient g; outside `mask`, P and state stay put."""
+        if mask is not None:
+            saved = [t.clone() for t in (P, self.m, self.v) if t is not None]
+            self.step(P, g)
+            for new, old in zip([t for t in (P, self.m, self.v) if t is not None], saved):
+                torch.where(mask, new, old, out=new)
+            return
         c = self.cfg
         self.step_count += 1
         if c.weight_decay:

@@ -80,7 +80,7 @@ class TextClassification:
             model.config.pad_token_id = self.tokenizer.pad_token_id
             targets = DEFAULT_TARGETS.get(model.config.model_type, ["query", "value"])
             head = next((h for h in HEADS if hasattr(model, h)), None)
-            self.model = add_lora(model, cfg.model, targets, head).to(device)
+            self.model = add_lora(model, cfg, targets, head).to(device)
 
     def batch(self, split: Split, idx: np.ndarray, device: torch.device,
               train: bool) -> dict[str, torch.Tensor]:
