@@ -22,6 +22,7 @@ from fedlora.config import load_config
 from fedlora.data.federated import client_batches
 from fedlora.engine import Simulation
 from fedlora.rng import np_rng, torch_seed
+from fedlora.rundir import read_jsonl
 
 
 def bare_round(sim: Simulation, t: int, start: dict[str, torch.Tensor]) -> float:
@@ -61,14 +62,14 @@ def main() -> None:
         bare = bare_round(sim, t, start)
         sim.cfg.rounds = t  # run exactly one more engine round
         sim.run()
-        fl = [r for r in __import__("fedlora.rundir").rundir.read_jsonl(
-            sim.out / "metrics.jsonl")][-1]["wall_s"]
+        fl = read_jsonl(sim.out / "metrics.jsonl")[-1]["wall_s"]
         ratios.append(fl / bare)
         fl_total += fl
         bare_total += bare
         print(f"round {t}: engine {fl:.2f}s  bare {bare:.2f}s  ratio {fl / bare:.3f}", flush=True)
-    print(f"\n| rounds | engine s | bare s | total ratio | median round ratio |\n|---|---|---|---|---|\n"
-          f"| {args.rounds} | {fl_total:.1f} | {bare_total:.1f} | {fl_total / bare_total:.3f} | "
+    print("\n| rounds | engine s | bare s | total ratio | median round ratio |")
+    print("|---|---|---|---|---|")
+    print(f"| {args.rounds} | {fl_total:.1f} | {bare_total:.1f} | {fl_total / bare_total:.3f} | "
           f"{statistics.median(ratios):.3f} |")
 
 

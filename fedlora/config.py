@@ -86,10 +86,23 @@ class CommConfig:
 
 
 @dataclass
+class DPConfig:
+    """User-level DP-FedAdam (server-side Gaussian mechanism); see docs/privacy.md."""
+
+    enabled: bool = False
+    clip: float = math.inf  # l2 clip norm C per client update
+    noise_multiplier: float = 0.0  # sigma: noise std on the sum is sigma * C
+    noise_cohort_size: int | None = None  # simulate noise for a larger cohort M (paper)
+    delta: float | None = None  # None = 1 / population
+    accountant: str = "auto"  # auto | pld | rdp
+
+
+@dataclass
 class Config:
     seed: int = 0
     rounds: int = 40
-    clients_per_round: int = 10
+    clients_per_round: int = 10  # fixed: cohort size; poisson: expected cohort size
+    sampling: str = "fixed"  # fixed (uniform without replacement) | poisson
     eval_every: int = 5
     eval_batch_size: int = 128
     checkpoint_every: int | None = None  # None = every evaluation round
@@ -100,6 +113,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,5 +330,20 @@ def validate(cfg: Config) -> None:
         if v is not None:
             _check(v in VALUE_FORMATS, f"comm.{k}",
                    f"unknown value format {v!r} (valid: {', '.join(VALUE_FORMATS)})")
+    _check(cfg.sampling in ("fixed", "poisson"), "sampling", "must be fixed or poisson")
+    dp = cfg.dp
+    _check(dp.clip > 0, "dp.clip", f"must be > 0 (inf = no clipping), got {dp.clip}")
+    _check(dp.noise_multiplier >= 0, "dp.noise_multiplier", "must be >= 0")
+    _check(not (dp.noise_multiplier > 0 and math.isinf(dp.clip)), "dp.clip",
+           "noise needs a finite clip norm (the noise std is sigma * C)")
+    if dp.noise_cohort_size is not None:
+        _check(dp.noise_cohort_size >= cfg.clients_per_round, "dp.noise_cohort_size",
+               f"must be >= clients_per_round ({cfg.clients_per_round})")
+    if dp.delta is not None:
+        _check(0 < dp.delta < 1, "dp.delta", "must be in (0, 1)")
+    _check(dp.accountant in ("auto", "pld", "rdp"), "dp.accountant", "must be auto, pld or rdp")
+    if dp.enabled and dp.accountant == "pld":
+        _check(cfg.sampling == "poisson", "dp.accountant",
+               "pld accounts Poisson sampling only; with sampling=fixed use rdp (replace-one)")
     if cfg.comm.max_bytes is not None:
         _check(cfg.comm.max_bytes >= 16, "comm.max_bytes", "must be >= 16")

@@ -23,7 +23,8 @@ from fedlora.config import Config, config_from_dict
 from fedlora.data.federated import client_batches
 from fedlora.methods import build_method
 from fedlora.model.flat import FlatAdapter
-from fedlora.rng import np_rng, torch_seed
+from fedlora.privacy import EpsilonReport, epsilon, privatize, validate_privacy_config
+from fedlora.rng import np_rng, torch_generator, torch_seed
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
 from fedlora.tasks import build_task
@@ -50,6 +51,14 @@ class Simulation:
         self.server = ServerOptimizer(cfg.server, self.n, self.device)
         self.method = build_method(cfg, self.adapter)
         self.ledger = Ledger()
+        if cfg.dp.enabled:
+            d = cfg.dp
+            validate_privacy_config(
+                sampling=cfg.sampling, population=len(self.task.data.eligible),
+                cohort_size=self.cohort_size, noise_multiplier=d.noise_multiplier,
+                delta=d.delta, rounds=cfg.rounds, noise_cohort_size=d.noise_cohort_size,
+                clip_norm=d.clip, accountant=None if d.accountant == "auto" else d.accountant,
+                prefix="dp.")
         self.round = 0
         # Test hook: rewrite a client's upload bytes (e.g. corrupt them) before decoding.
         self.tamper: Callable[[int, int, bytes], bytes] | None = None
@@ -92,8 +101,8 @@ class Simulation:
                 updates.append(decoded)
                 weights.append(len(self.task.data.clients[c]))
                 losses.append(stats["train_loss"])
-            if updates:
-                g = weighted_mean(updates, weights if cfg.server.weighted else None)
+            g = self.aggregate(t, updates, weights)
+            if g is not None:
                 self.server.step(self.P, g, self.method.step_mask(t))
             self.method.end_round(self.P, t)
             row = {"round": t, "clients": len(cohort), "aggregated": len(updates),
@@ -107,6 +116,9 @@ class Simulation:
             row["wall_s"] = time.perf_counter() - start
             if t % cfg.eval_every == 0 or t == cfg.rounds:
                 row.update(self.evaluate())
+                if cfg.dp.enabled:
+                    report = self.privacy(t)
+                    row.update(epsilon=report.epsilon, delta=report.delta)
                 bar.set_postfix(acc=f"{row.get(self.task.utility, float('nan')):.3f}",
                                 up=f"{self.ledger.cum_upload / 1e6:.1f}MB")
             self.round = t
@@ -144,6 +156,34 @@ class Simulation:
             log.warning("round %d: dropped client %d, its upload failed to decode: %s", t, c, e)
             return None, stats
 
+    def aggregate(self, t: int, updates: list[torch.Tensor],
+                  weights: list[int]) -> torch.Tensor | None:
+        """The pseudo-gradient: a plain (weighted) mean, or DP's clip-sum-noise-divide."""
+        dp = self.cfg.dp
+        if dp.enabled:  # noise even when nobody answered: an empty round must not show
+            g, _ = privatize(updates, clip_norm=dp.clip, noise_multiplier=dp.noise_multiplier,
+                             generator=torch_generator(self.cfg.seed, "dp_noise", t,
+                                                       device=self.device),
+                             cohort_size=self.cohort_size, noise_cohort_size=dp.noise_cohort_size,
+                             template=self.P)
+            return g
+        if not updates:
+            return None
+        return weighted_mean(updates, weights if self.cfg.server.weighted else None)
+
+    @property
+    def cohort_size(self) -> int:
+        """m: the fixed cohort size, or the expected one (q N) under Poisson sampling."""
+        return min(self.cfg.clients_per_round, len(self.task.data.eligible))
+
+    def privacy(self, rounds: int) -> EpsilonReport:
+        dp = self.cfg.dp
+        return epsilon(noise_multiplier=dp.noise_multiplier, rounds=rounds,
+                       sampling=self.cfg.sampling, population=len(self.task.data.eligible),
+                       cohort_size=self.cohort_size, delta=dp.delta,
+                       noise_cohort_size=dp.noise_cohort_size,
+                       accountant=None if dp.accountant == "auto" else dp.accountant)
+
     def _train(self, batches, grad_mask):
         from fedlora.client.train import train_client
 
@@ -154,8 +194,10 @@ class Simulation:
     def sample(self, t: int) -> np.ndarray:
         """Uniformly without replacement among non-empty clients, from the sampling stream."""
         eligible = self.task.data.eligible
-        m = min(self.cfg.clients_per_round, len(eligible))
-        return np_rng(self.cfg.seed, "sampling", t).choice(eligible, size=m, replace=False)
+        rng = np_rng(self.cfg.seed, "sampling", t)
+        if self.cfg.sampling == "poisson":  # each client joins independently with prob q
+            return eligible[rng.random(len(eligible)) < self.cohort_size / len(eligible)]
+        return rng.choice(eligible, size=self.cohort_size, replace=False)
 
     def evaluate(self) -> dict[str, float]:
         start = time.perf_counter()
@@ -206,7 +248,10 @@ class Simulation:
             "num_params": self.n, "dense_float32_bytes": 4 * self.n,
             "num_clients": len(self.task.data.clients),
             "empty_clients": self.task.data.empty_clients,
+            "sampling": self.cfg.sampling,
         }
+        if self.cfg.dp.enabled:
+            summary["privacy"] = self.privacy(self.round).to_dict()
         rundir.write_json(self.out / "summary.json", summary)
         from safetensors.torch import save_file
 

@@ -28,6 +28,7 @@ def build_task(cfg):
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name == module:
-            raise ValueError(f"task.name: '{cfg.task.name}' is not available in this build") from None
+            raise ValueError(f"task.name: '{cfg.task.name}' is not available in this build"
+                             ) from None
         raise
     return getattr(mod, fn)(cfg)
