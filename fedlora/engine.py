@@ -54,7 +54,7 @@ class Simulation:
         if cfg.dp.enabled:
             d = cfg.dp
             validate_privacy_config(
-                sampling=cfg.sampling, population=len(self.task.data.eligible),
+                sampling=cfg.sampling, population=len(self.eligible),
                 cohort_size=self.cohort_size, noise_multiplier=d.noise_multiplier,
                 delta=d.delta, rounds=cfg.rounds, noise_cohort_size=d.noise_cohort_size,
                 clip_norm=d.clip, accountant=None if d.accountant == "auto" else d.accountant,
@@ -92,16 +92,17 @@ class Simulation:
             self.ledger.start_round()
             cohort = self.sample(t)
             self.method.begin_round(self.P, t)
-            updates, weights, dropped, losses = [], [], [], []
+            updates, weights, dropped, losses, done = [], [], [], [], []
             for c in cohort:
                 decoded, stats = self.client_round(t, int(c))
                 if decoded is None:
                     dropped.append(int(c))
                     continue
+                done.append(int(c))
                 updates.append(decoded)
                 weights.append(len(self.task.data.clients[c]))
                 losses.append(stats["train_loss"])
-            g = self.aggregate(t, updates, weights)
+            g = self.aggregate(t, updates, weights, done)
             if g is not None:
                 self.server.step(self.P, g, self.method.step_mask(t))
             self.method.end_round(self.P, t)
@@ -133,31 +134,49 @@ class Simulation:
 
     def client_round(self, t: int, c: int) -> tuple[torch.Tensor | None, dict]:
         """Download, train and upload for client c; returns what the server decoded."""
-        cfg, comm = self.cfg, self.cfg.comm
-        down = codec.encode(self.P, self.method.download_mask(self.P, t),
-                            values=comm.down_values or comm.values)
-        P_i = self.method.client_start(
-            codec.decode(down, self.n, max_bytes=comm.max_bytes).to(self.device), t)
+        cfg, comm, m = self.cfg, self.cfg.comm, self.method
+        down_mask = m.client_download_mask(self.P, t, c)
+        down = self._send(self.P, down_mask, comm.down_values or comm.values,
+                          m.implicit_positions("down", c))
+        P_i = m.client_start(self._receive(down, down_mask, m.implicit_positions("down", c)), t)
         self.adapter.load_(P_i)
         torch.manual_seed(torch_seed(cfg.seed, "dropout", t, c))
         batches = client_batches(self.task.data.clients[c], cfg.client.batch_size,
                                  cfg.client.epochs, cfg.client.max_steps,
                                  np_rng(cfg.seed, "data_order", t, c))
-        stats = self._train(batches, self.method.train_mask(self.P, t))
+        stats = self._train(batches, m.client_train_mask(self.P, t, c))
         delta = P_i - self.adapter.vector
-        up = codec.encode(delta, self.method.upload_mask(delta, t),
-                          values=comm.up_values or comm.values)
+        up_mask = m.client_upload_mask(delta, t, c)
+        up = self._send(delta, up_mask, comm.up_values or comm.values,
+                        m.implicit_positions("up", c))
         if self.tamper is not None:
             up = self.tamper(t, c, up)
-        self.ledger.record(t, c, upload=len(up), download=len(down))
+        self.ledger.record(t, c, upload=len(up),
+                           download=len(down) + m.extra_download_bytes(t, c))
         try:
-            return codec.decode(up, self.n, max_bytes=comm.max_bytes).to(self.device), stats
+            return self._receive(up, up_mask, m.implicit_positions("up", c)), stats
         except codec.CodecError as e:
             log.warning("round %d: dropped client %d, its upload failed to decode: %s", t, c, e)
             return None, stats
 
-    def aggregate(self, t: int, updates: list[torch.Tensor],
-                  weights: list[int]) -> torch.Tensor | None:
+    def _send(self, v: torch.Tensor, mask: torch.Tensor | None, values: str,
+              implicit: bool) -> bytes:
+        """Encode v (entries in mask). With implicit positions both ends already know the
+        mask (a HetLoRA rank, a server-dictated pruning mask): only the values travel."""
+        if implicit and mask is not None:
+            return codec.encode(v[mask], None, values=values)
+        return codec.encode(v, mask, values=values)
+
+    def _receive(self, payload: bytes, mask: torch.Tensor | None, implicit: bool) -> torch.Tensor:
+        max_bytes = self.cfg.comm.max_bytes
+        if implicit and mask is not None:
+            out = torch.zeros(self.n, device=self.device)
+            out[mask] = codec.decode(payload, int(mask.sum()), max_bytes=max_bytes).to(self.device)
+            return out
+        return codec.decode(payload, self.n, max_bytes=max_bytes).to(self.device)
+
+    def aggregate(self, t: int, updates: list[torch.Tensor], weights: list[int],
+                  clients: list[int] | None = None) -> torch.Tensor | None:
         """The pseudo-gradient: a plain (weighted) mean, or DP's clip-sum-noise-divide."""
         dp = self.cfg.dp
         if dp.enabled:  # noise even when nobody answered: an empty round must not show
@@ -169,17 +188,25 @@ class Simulation:
             return g
         if not updates:
             return None
+        custom = self.method.aggregate(updates, clients, weights, self.P)
+        if custom is not None:
+            return custom
         return weighted_mean(updates, weights if self.cfg.server.weighted else None)
+
+    @property
+    def eligible(self) -> np.ndarray:
+        """Clients that may be sampled: non-empty, and allowed by the method."""
+        return self.method.eligible(self.task.data.eligible)
 
     @property
     def cohort_size(self) -> int:
         """m: the fixed cohort size, or the expected one (q N) under Poisson sampling."""
-        return min(self.cfg.clients_per_round, len(self.task.data.eligible))
+        return min(self.cfg.clients_per_round, len(self.eligible))
 
     def privacy(self, rounds: int) -> EpsilonReport:
         dp = self.cfg.dp
         return epsilon(noise_multiplier=dp.noise_multiplier, rounds=rounds,
-                       sampling=self.cfg.sampling, population=len(self.task.data.eligible),
+                       sampling=self.cfg.sampling, population=len(self.eligible),
                        cohort_size=self.cohort_size, delta=dp.delta,
                        noise_cohort_size=dp.noise_cohort_size,
                        accountant=None if dp.accountant == "auto" else dp.accountant)
@@ -193,7 +220,7 @@ class Simulation:
 
     def sample(self, t: int) -> np.ndarray:
         """Uniformly without replacement among non-empty clients, from the sampling stream."""
-        eligible = self.task.data.eligible
+        eligible = self.eligible
         rng = np_rng(self.cfg.seed, "sampling", t)
         if self.cfg.sampling == "poisson":  # each client joins independently with prob q
             return eligible[rng.random(len(eligible)) < self.cohort_size / len(eligible)]
@@ -204,6 +231,11 @@ class Simulation:
         self.adapter.load_(self.P)
         metrics = self.task.evaluate(self.task.model, self.task.data.test,
                                      self.cfg.eval_batch_size, self.device)
+        for name, vector in self.method.eval_vectors(self.P).items():  # e.g. per-tier models
+            self.adapter.load_(vector)
+            sub = self.task.evaluate(self.task.model, self.task.data.test,
+                                     self.cfg.eval_batch_size, self.device)
+            metrics.update({f"{name}/{k}": v for k, v in sub.items()})
         return {**metrics, "eval_s": time.perf_counter() - start}
 
     # ---------------------------------------------------------------- state
