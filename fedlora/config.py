@@ -86,6 +86,15 @@ class CommConfig:
 
 
 @dataclass
+class HetConfig:
+    """Budget tiers (paper Sec. 4.4): client c gets tier b_c in {1..tiers} uniformly."""
+
+    tiers: int = 3  # b_s
+    r_base: int = 4  # tier b trains rank r_base^(b-1); the server rank is r_base^(tiers-1)
+    aggregation: str = "zero_pad"  # zero_pad | replication_pad | sparsity_weighted
+
+
+@dataclass
 class DPConfig:
     """User-level DP-FedAdam (server-side Gaussian mechanism); see docs/privacy.md."""
 
@@ -114,6 +123,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    het: HetConfig = field(default_factory=HetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,6 +341,15 @@ def validate(cfg: Config) -> None:
             _check(v in VALUE_FORMATS, f"comm.{k}",
                    f"unknown value format {v!r} (valid: {', '.join(VALUE_FORMATS)})")
     _check(cfg.sampling in ("fixed", "poisson"), "sampling", "must be fixed or poisson")
+    h = cfg.het
+    _check(h.tiers >= 1, "het.tiers", "must be >= 1")
+    _check(h.r_base >= 2 or h.tiers == 1, "het.r_base", "must be >= 2")
+    rules = ("zero_pad", "replication_pad", "sparsity_weighted")
+    _check(h.aggregation in rules, "het.aggregation", f"must be one of {', '.join(rules)}")
+    if me.name in ("hetlora", "flasc_tiers", "all_lowest_tier", "highest_tier_only"):
+        r_s = h.r_base ** (h.tiers - 1)
+        _check(m.rank == r_s, "model.rank", f"must equal the server rank r_base^(tiers-1) = "
+               f"{r_s} for method {me.name} (set model.rank={r_s})")
     dp = cfg.dp
     _check(dp.clip > 0, "dp.clip", f"must be > 0 (inf = no clipping), got {dp.clip}")
     _check(dp.noise_multiplier >= 0, "dp.noise_multiplier", "must be >= 0")

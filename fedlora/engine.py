@@ -50,6 +50,7 @@ class Simulation:
         self.P = self.task.initial_vector.clone()  # the server vector
         self.server = ServerOptimizer(cfg.server, self.n, self.device)
         self.method = build_method(cfg, self.adapter)
+        self.method.setup(self.task.data)
         self.ledger = Ledger()
         if cfg.dp.enabled:
             d = cfg.dp

@@ -1,4 +1,8 @@
-"""LoRA through peft. The classification head is trained and lives in the flat vector."""
+"""LoRA through peft. The classification head is trained and lives in the flat vector.
+
+Methods that train the backbone itself (`Method.trains_backbone`: full_finetune and the
+sparse-backbone baselines) get the bare model with every weight trainable instead.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,25 @@ from peft import LoraConfig, get_peft_model
 from fedlora.config import Config
 
 
+def trains_backbone(config: Config) -> bool:
+    """Whether `config.method` fine-tunes the backbone weights instead of LoRA."""
+    from fedlora.methods import METHODS  # lazy: methods import the model package
+
+    method = METHODS.get(config.method.name)
+    return bool(method is not None and method.trains_backbone)
+
+
 def add_lora(model: torch.nn.Module, config: Config, default_targets: list[str],
              head: str | None) -> torch.nn.Module:
     """Wrap `model` with LoRA. The caller seeds torch's RNG (the `init` stream) around
-    model loading and this call, so the new head and every A are the same on all clients."""
+    model loading and this call, so the new head and every A are the same on all clients.
+
+    For a backbone-training method, return `model` unwrapped with *all* parameters
+    trainable: embeddings, every layer, norms, biases and the head (the paper's "full
+    fine-tuning" is all weights). model.rank/alpha/target_modules/train_head are unused then.
+    """
+    if trains_backbone(config):
+        return model.requires_grad_(True)
     cfg = config.model
     targets = cfg.target_modules or default_targets
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
