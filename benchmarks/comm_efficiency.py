@@ -12,18 +12,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedlora.config import load_config
-from fedlora.engine import Simulation
+import torch
+
 from fedlora.report import load_runs, plot_utility_vs_upload
 from fedlora.report.runs import read_metrics
 from fedlora.report.table import bytes_to_target
+from fedlora.sweep import run_point
 
-ARMS = {
+ARMS = {  # most informative first; flasc d_up=1 is bit-identical to lora r16 (tested)
     "lora-r16": ["method.name=lora", "model.rank=16"],
-    "lora-r4": ["method.name=lora", "model.rank=4"],
-    "flasc-r16-d1": ["method.name=flasc", "method.d_up=1"],
     "flasc-r16-d1_4": ["method.name=flasc", "method.d_up=1/4"],
     "flasc-r16-d1_16": ["method.name=flasc", "method.d_up=1/16"],
+    "lora-r4": ["method.name=lora", "model.rank=4"],
+    "flasc-r16-d1": ["method.name=flasc", "method.d_up=1"],
 }
 
 
@@ -33,23 +34,22 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--out", default="runs/bench-comm")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = ["task.max_examples=20000", "task.test_size=1000", "client.max_steps=4",
             "clients_per_round=10", "eval_every=3", "task.alpha=0.1", f"rounds={args.rounds}",
             *args.set]
     out = Path(args.out)
     dirs: dict[str, list[Path]] = {}
     for seed in range(args.seeds):
-        task = None
         for name, over in ARMS.items():
             d = out / f"{name}-s{seed}"
             dirs.setdefault(name, []).append(d)
-            if (d / "summary.json").exists():
-                continue
-            cfg = load_config(None, base + over + [f"seed={seed}"])
-            sim = Simulation(cfg, d, task=task if "r16" in name else None)
-            task = sim.task if "r16" in name else task
-            sim.run()
+            summary = run_point(None, base + over + [f"seed={seed}"], d)  # resumes
+            print(f"{name} seed {seed}: {summary['final']} {summary['total_upload_bytes']} B",
+                  flush=True)
     ref = {s: float(read_metrics(dirs["lora-r16"][s] / "metrics.jsonl")["accuracy"]
                     .dropna().iloc[-1]) for s in range(args.seeds)}
     ref_bytes = [int(read_metrics(d / "metrics.jsonl")["cum_upload_bytes"].iloc[-1])

@@ -51,7 +51,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--d-up", default="1/4")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     over = ["task.max_examples=20000", "task.test_size=64", "client.max_steps=4",
             f"method.d_up={args.d_up}", "eval_every=1000000", *args.set]
     cfg = load_config(None, over + [f"rounds={args.rounds}"])

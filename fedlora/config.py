@@ -54,6 +54,9 @@ class MethodConfig:
     density: float = 0.25  # fixed-density baselines
     prune_ratio: float = 0.02  # adapter_lth / fedsparsify: fraction removed per prune
     prune_every: int = 1  # rounds between prunes
+    stage1_rounds: int = 10  # flora_two_stage: full-rank Stage 1 rounds (paper: 50 of 200)
+    stage1_density: float = 1.0  # flora_two_stage Stage 1: 1 = FLoRA, e.g. 0.1 = SLoRA
+    stage1_lr: float | None = None  # flora_two_stage: server lr on W in Stage 1 (None: server.lr)
 
 
 @dataclass
@@ -68,7 +71,7 @@ class ClientConfig:
 @dataclass
 class ServerConfig:
     optimizer: str = "fedadam"  # fedavg | fedadam | fedyogi | fedadagrad
-    lr: float = 5e-3
+    lr: float = 1e-2  # paper Appendix B.4 (20NewsGroups, Reddit)
     beta1: float = 0.9
     beta2: float = 0.999
     tau: float = 1e-8  # adaptivity / eps
@@ -320,6 +323,9 @@ def validate(cfg: Config) -> None:
         _density(getattr(me, k), f"method.{k}")
     _check(0.0 <= me.prune_ratio < 1.0, "method.prune_ratio", "must be in [0, 1)")
     _check(me.prune_every >= 1, "method.prune_every", "must be >= 1")
+    _check(me.stage1_rounds >= 1, "method.stage1_rounds", "must be >= 1")
+    _density(me.stage1_density, "method.stage1_density")
+    _check(me.stage1_lr is None or me.stage1_lr > 0, "method.stage1_lr", "must be > 0 or null")
     c = cfg.client
     _check(c.lr > 0, "client.lr", "must be > 0")
     _check(0.0 <= c.momentum < 1.0, "client.momentum", "must be in [0, 1)")
@@ -346,7 +352,8 @@ def validate(cfg: Config) -> None:
     _check(h.r_base >= 2 or h.tiers == 1, "het.r_base", "must be >= 2")
     rules = ("zero_pad", "replication_pad", "sparsity_weighted")
     _check(h.aggregation in rules, "het.aggregation", f"must be one of {', '.join(rules)}")
-    if me.name in ("hetlora", "flasc_tiers", "all_lowest_tier", "highest_tier_only"):
+    if me.name in ("hetlora", "flasc_tiers", "all_lowest_tier", "highest_tier_only",
+                   "flora_stacking"):
         r_s = h.r_base ** (h.tiers - 1)
         _check(m.rank == r_s, "model.rank", f"must equal the server rank r_base^(tiers-1) = "
                f"{r_s} for method {me.name} (set model.rank={r_s})")
@@ -361,6 +368,10 @@ def validate(cfg: Config) -> None:
     if dp.delta is not None:
         _check(0 < dp.delta < 1, "dp.delta", "must be in (0, 1)")
     _check(dp.accountant in ("auto", "pld", "rdp"), "dp.accountant", "must be auto, pld or rdp")
+    _check(not (dp.enabled and me.name == "flora_stacking"), "dp.enabled",
+           "flora_stacking merges the clients' factors itself; DP is not supported with it")
+    _check(not (dp.enabled and me.name == "flora_two_stage" and me.stage1_lr is not None),
+           "method.stage1_lr", "steps W outside the DP aggregate; leave it null with dp.enabled")
     if dp.enabled and dp.accountant == "pld":
         _check(cfg.sampling == "poisson", "dp.accountant",
                "pld accounts Poisson sampling only; with sampling=fixed use rdp (replace-one)")
