@@ -21,15 +21,20 @@ LORA_A = re.compile(r"\.lora_(embedding_)?A\.")
 @dataclass
 class FFALoRA(Method):
     trained: torch.Tensor = field(init=False, repr=False)
-    init: torch.Tensor = field(init=False, repr=False)
+    init: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         frozen = self.adapter.named_slices(lambda name: LORA_A.search(name) is not None)
         if not frozen.any():
             raise ValueError("method.name=ffa_lora: the model has no LoRA A matrices")
         self.trained = ~frozen
-        # The vector as built from the seed: what every client holds before any download.
-        self.init = self.adapter.vector.detach().clone()
+
+    def begin_round(self, P: torch.Tensor, round_: int) -> None:
+        # The server's A is the seeded initialization and never changes (step_mask), so it
+        # equals every client's own copy; taken from P, not from the resident model, which
+        # may hold another run's weights when a task is reused.
+        if self.init is None:
+            self.init = P.detach().clone()
 
     def download_mask(self, P: torch.Tensor, round_: int) -> torch.Tensor:
         return self.trained

@@ -44,14 +44,21 @@ IGNORED_KEYS = (
 )
 # The method settings each method actually uses. The resolved config carries every field
 # (a LoRA run still says d_up: 0.25), so labels and densities read only these.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
+METHOD_KEYS: dict[str, tuple[str, ...]] = {  # the settings each method actually uses
     "lora": (),
     "flasc": ("d_down", "d_up"),
-    "sparseadapter": ("density",),
+    "sparse_adapter": ("density",),
     "federated_select": ("density",),
     "adapter_lth": ("prune_ratio", "prune_every"),
+    "ffa_lora": (),
+    "full_finetune": (),
+    "fedsparsify": ("prune_ratio", "prune_every"),
+    "spdst": ("density",),
+    "federated_select_backbone": ("density",),
+    "flora_two_stage": ("stage1_rounds", "stage1_density"),
 }
-UPLOAD_DENSITY_KEY = {"flasc": "d_up", "sparseadapter": "density", "federated_select": "density"}
+UPLOAD_DENSITY_KEY = {"flasc": "d_up", "sparse_adapter": "density", "federated_select": "density",
+                      "spdst": "density", "federated_select_backbone": "density"}
 DENSITY_KEYS = ("d_down", "d_up", "density")
 
 
