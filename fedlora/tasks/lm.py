@@ -27,6 +27,7 @@ from fedlora.tasks._text_common import (
     start_token,
     train_test,
 )
+from fedlora.tasks.text import trimmed
 
 IGNORE = -100
 # Largest logits block (elements) evaluated at once: eval batches are split so that
@@ -64,11 +65,7 @@ class CausalLM:
 
     def batch(self, split: Split, idx: np.ndarray, device: torch.device,
               train: bool) -> dict[str, torch.Tensor]:
-        idx_t = torch.as_tensor(idx)
-        lengths = split.inputs["lengths"][idx_t]
-        width = int(lengths.max())
-        ids = split.inputs["input_ids"][idx_t, :width].long()
-        mask = torch.arange(width)[None, :] < lengths[:, None]
+        ids, mask = trimmed(split, idx)
         return {"input_ids": ids.to(device), "attention_mask": mask.long().to(device),
                 "labels": ids.masked_fill(~mask, IGNORE).to(device)}
 

@@ -35,6 +35,15 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Te
     return {"input_ids": torch.from_numpy(ids), "lengths": torch.from_numpy(lengths)}
 
 
+def trimmed(split: Split, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of `idx` cut to the batch's longest example, and the attention mask."""
+    idx_t = torch.as_tensor(idx)
+    lengths = split.inputs["lengths"][idx_t]
+    width = int(lengths.max())
+    ids = split.inputs["input_ids"][idx_t, :width].long()
+    return ids, torch.arange(width)[None, :] < lengths[:, None]
+
+
 class TextClassification:
     """A text classification task: data, model and metrics for one config."""
 
@@ -85,13 +94,9 @@ class TextClassification:
 
     def batch(self, split: Split, idx: np.ndarray, device: torch.device,
               train: bool) -> dict[str, torch.Tensor]:
-        idx_t = torch.as_tensor(idx)
-        lengths = split.inputs["lengths"][idx_t]
-        width = int(lengths.max())
-        ids = split.inputs["input_ids"][idx_t, :width].long()
-        mask = torch.arange(width)[None, :] < lengths[:, None]
+        ids, mask = trimmed(split, idx)
         return {"input_ids": ids.to(device), "attention_mask": mask.long().to(device),
-                "labels": split.labels[idx_t].to(device)}
+                "labels": split.labels[torch.as_tensor(idx)].to(device)}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
