@@ -6,8 +6,7 @@ import numpy as np
 
 from fedlora.config import Config
 from fedlora.model.backbone import resolve
-from fedlora.rng import np_rng
-from fedlora.tasks.base import partition_clients, stratified_test_split
+from fedlora.tasks.base import partition_clients, train_test  # noqa: F401 (re-export)
 
 # The paper's text backbone (GPT-2 small, 124M). A hub id: `resolve` finds it in the local
 # Hugging Face cache or says which folder to pass as model.name.
@@ -27,32 +26,6 @@ def gpt2_backbone(cfg: Config) -> str:
 
 def default_targets(model_type: str) -> list[str]:
     return TARGETS.get(model_type, ["q_proj", "v_proj"])
-
-
-def train_test(cfg: Config, n: int, labels: np.ndarray | None,
-               is_test: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Train/test indices: the data's own split if it has one, else `task.test_size` held out
-    (stratified by label when there are labels), then `task.max_examples` of the rest."""
-    t = cfg.task
-    if is_test is None:
-        rng = np_rng(cfg.seed, "split")
-        if labels is not None:
-            is_test = stratified_test_split(labels, t.test_size, rng)
-        else:
-            if t.test_size >= n:
-                raise ValueError(f"task.test_size: {t.test_size} leaves no training data "
-                                 f"({n} examples)")
-            is_test = np.zeros(n, dtype=bool)
-            is_test[rng.permutation(n)[:t.test_size]] = True
-    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    if len(train_idx) == 0 or len(test_idx) == 0:
-        raise ValueError(f"task '{t.name}': the split has {len(train_idx)} training and "
-                         f"{len(test_idx)} test examples; both must be non-empty")
-    if t.max_examples is not None and t.max_examples < len(train_idx):
-        pick = np_rng(cfg.seed, "subsample").choice(len(train_idx), t.max_examples,
-                                                    replace=False)
-        train_idx = np.sort(train_idx[pick])
-    return train_idx, test_idx
 
 
 def partition(cfg: Config, n_train: int, train_labels: np.ndarray | None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -11,6 +11,9 @@ import torch
 from fedlora.data import partition
 from fedlora.data.federated import FederatedData, Split
 from fedlora.rng import np_rng
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
 
 
 class Task(Protocol):
@@ -67,6 +70,32 @@ def stratified_test_split(labels: np.ndarray, test_size: int,
         idx = np.flatnonzero(labels == c)
         is_test[idx[rng.permutation(len(idx))[:q]]] = True
     return is_test
+
+
+def train_test(cfg: Config, n: int, labels: np.ndarray | None,
+               is_test: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test indices: the data's own split if it has one, else `task.test_size` held out
+    (stratified by label when there are labels), then `task.max_examples` of the rest."""
+    t = cfg.task
+    if is_test is None:
+        rng = np_rng(cfg.seed, "split")
+        if labels is not None:
+            is_test = stratified_test_split(labels, t.test_size, rng)
+        else:
+            if t.test_size >= n:
+                raise ValueError(f"task.test_size: {t.test_size} leaves no training data "
+                                 f"({n} examples)")
+            is_test = np.zeros(n, dtype=bool)
+            is_test[rng.permutation(n)[:t.test_size]] = True
+    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise ValueError(f"task '{t.name}': the split has {len(train_idx)} training and "
+                         f"{len(test_idx)} test examples; both must be non-empty")
+    if t.max_examples is not None and t.max_examples < len(train_idx):
+        pick = np_rng(cfg.seed, "subsample").choice(len(train_idx), t.max_examples,
+                                                    replace=False)
+        train_idx = np.sort(train_idx[pick])
+    return train_idx, test_idx
 
 
 def partition_clients(cfg, labels: np.ndarray, clients: list | None,

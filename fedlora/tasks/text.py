@@ -10,8 +10,8 @@ from fedlora.config import Config
 from fedlora.data.federated import FederatedData, Split
 from fedlora.model.backbone import quiet_transformers
 from fedlora.model.lora import add_lora
-from fedlora.rng import np_rng, torch_seed
-from fedlora.tasks.base import Examples, label_map, partition_clients, stratified_test_split
+from fedlora.rng import torch_seed
+from fedlora.tasks.base import Examples, label_map, partition_clients, train_test
 
 # LoRA targets per architecture: the paper's Q,V for BERT-style, c_attn (K,V,Q) for GPT-2.
 DEFAULT_TARGETS = {
@@ -56,14 +56,7 @@ class TextClassification:
         quiet_transformers()
         self.name = cfg.task.name
         labels, names = label_map(examples.labels)
-        is_test = examples.is_test
-        if is_test is None:
-            is_test = stratified_test_split(labels, cfg.task.test_size, np_rng(cfg.seed, "split"))
-        train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-        if cfg.task.max_examples is not None and cfg.task.max_examples < len(train_idx):
-            pick = np_rng(cfg.seed, "subsample").choice(len(train_idx), cfg.task.max_examples,
-                                                        replace=False)
-            train_idx = np.sort(train_idx[pick])
+        train_idx, test_idx = train_test(cfg, len(labels), labels, examples.is_test)
         clients = None if examples.clients is None else [examples.clients[i] for i in train_idx]
         parts, client_names = partition_clients(cfg, labels[train_idx], clients, cfg.seed)
 

@@ -24,9 +24,9 @@ from fedlora.config import Config
 from fedlora.data.federated import FederatedData, Split
 from fedlora.model.backbone import quiet_transformers
 from fedlora.model.lora import add_lora
-from fedlora.rng import np_rng, torch_seed
+from fedlora.rng import torch_seed
 from fedlora.tasks._img import Preprocess, decode
-from fedlora.tasks.base import partition_clients, stratified_test_split
+from fedlora.tasks.base import partition_clients, train_test
 
 # LoRA targets for transformers image models: the reference FLASC code adapts
 # query and value (the paper's B.3 says K,V; we follow the code). transformers 5
@@ -137,24 +137,8 @@ class ImageClassification:
             raise ValueError(f"task.image_size: {t.image_size} differs from the model's "
                              f"{backbone.native_size} and this model cannot change resolution")
         labels = examples.labels
-        is_test = examples.is_test
-        if is_test is None:
-            rng = np_rng(cfg.seed, "split")
-            if self.multi_label:
-                if t.test_size >= len(labels):
-                    raise ValueError(f"task.test_size: {t.test_size} leaves no training data")
-                is_test = np.zeros(len(labels), dtype=bool)
-                is_test[rng.permutation(len(labels))[:t.test_size]] = True
-            else:
-                is_test = stratified_test_split(labels, t.test_size, rng)
-        train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-        if len(train_idx) == 0 or len(test_idx) == 0:
-            raise ValueError(f"task.path: '{t.name}' data has {len(train_idx)} training and "
-                             f"{len(test_idx)} test examples; both must be non-empty")
-        if t.max_examples is not None and t.max_examples < len(train_idx):
-            pick = np_rng(cfg.seed, "subsample").choice(len(train_idx), t.max_examples,
-                                                        replace=False)
-            train_idx = np.sort(train_idx[pick])
+        train_idx, test_idx = train_test(cfg, len(labels),
+                                          None if self.multi_label else labels, examples.is_test)
         clients = None if examples.clients is None else [examples.clients[i] for i in train_idx]
         part_labels = labels[train_idx] if not self.multi_label else np.zeros(len(train_idx))
         parts, client_names = partition_clients(cfg, part_labels, clients, cfg.seed)
