@@ -29,6 +29,7 @@ takes ~15 min; `--quick --budgets 0.5` adds the backbone rows at 1/2 (~8 min per
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,11 @@ class Runner:
         self.tasks: dict[tuple, tuple] = {}
 
     def run(self, name: str, overrides: dict) -> dict:
+        done = self.out / name / "summary.json"
+        if done.exists() and json.loads(done.read_text()).get("finished"):
+            summary = json.loads(done.read_text())  # a rerun into the same --out skips it
+            print(f"  {name}: finished earlier, reused", flush=True)
+            return summary
         cfg = load_config(None, [f"{k}={v}" for k, v in {**self.base, **overrides}.items()])
         key = (trains_backbone(cfg), cfg.model.rank)
         if key not in self.tasks:
@@ -95,6 +101,7 @@ class Runner:
         summary = Simulation(cfg, self.out / name, progress=self.progress, task=task).run()
         summary["wall_min"] = (time.perf_counter() - start) / 60
         summary["server_lr"], summary["client_lr"] = cfg.server.lr, cfg.client.lr
+        done.write_text(json.dumps(summary, indent=2))
         print(f"  {name}: acc {summary['final'].get('accuracy', float('nan')):.3f}, "
               f"upload {summary['total_upload_bytes'] / 1e6:.1f} MB, "
               f"{summary['wall_min']:.1f} min", flush=True)
@@ -164,6 +171,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--budgets", default=None,
                     help="backbone budgets, fractions of full fine-tuning's upload "
                          "(default 0.75,0.5; --quick: none); 'none' skips the backbone rows")
+    ap.add_argument("--rows", choices=["all", "lora", "backbone"], default="all",
+                    help="run only the LoRA rows or only the backbone rows")
     add_common(ap)
     args = ap.parse_args(argv)
     base = setup(args)
@@ -174,6 +183,9 @@ def main(argv: list[str] | None = None) -> str:
     print(f"table1: {base} -> {out}", flush=True)
     results = {}
     for name, ref, budget, over in specs(base["rounds"], budgets):
+        backbone = ref == "Full finetune"
+        if (args.rows == "lora" and backbone) or (args.rows == "backbone" and not backbone):
+            continue
         slug = name.lower().replace(" ", "-").replace("=", "").replace("/", "_")
         results[name] = (ref, budget, over, runner.run(slug, over))
     lines = ["| method | setting | server lr | budget | upload (MB) | upload / ref "

@@ -95,6 +95,17 @@ class HetConfig:
     tiers: int = 3  # b_s
     r_base: int = 4  # tier b trains rank r_base^(b-1); the server rank is r_base^(tiers-1)
     aggregation: str = "zero_pad"  # zero_pad | replication_pad | sparsity_weighted
+    # Optional extras, hetlora only, both off by default (docs/heterogeneity.md).
+    # HetLoRA self-pruning (Cho et al. 2023): the client adds prune_lambda * the tail norm
+    # sum_layers ||B[:, r':r_c]|| ||A[r':r_c]|| (r' = max(1, floor(prune_gamma r_c))) to its
+    # local loss; if the tail norm ends the round below where it started, the client keeps
+    # r' ranks from then on (never below the lowest tier's rank 1).
+    self_prune: bool = False
+    prune_lambda: float = 0.0  # lambda >= 0; 0 = prune only when the tail shrinks on its own
+    prune_gamma: float = 0.5  # gamma in (0, 1): fraction of the rank kept by a prune
+    # tier: rank from the client's tier. loss (Byun & Lee 2024): each round the cohort's tier
+    # ranks are handed out again, highest rank to the lowest last-reported local loss.
+    rank_allocation: str = "tier"  # tier | loss
 
 
 @dataclass
@@ -352,6 +363,27 @@ def validate(cfg: Config) -> None:
     _check(h.r_base >= 2 or h.tiers == 1, "het.r_base", "must be >= 2")
     rules = ("zero_pad", "replication_pad", "sparsity_weighted")
     _check(h.aggregation in rules, "het.aggregation", f"must be one of {', '.join(rules)}")
+    _check(math.isfinite(h.prune_lambda) and h.prune_lambda >= 0, "het.prune_lambda",
+           f"must be a finite number >= 0, got {h.prune_lambda}")
+    _check(0.0 < h.prune_gamma <= 1.0, "het.prune_gamma", f"must be in (0, 1], got {h.prune_gamma}")
+    allocations = ("tier", "loss")
+    _check(h.rank_allocation in allocations, "het.rank_allocation",
+           f"must be one of {', '.join(allocations)}, got {h.rank_allocation!r}")
+    if h.self_prune:
+        _check(me.name == "hetlora", "het.self_prune",
+               f"only applies to method hetlora (clients of rank r_c), not {me.name}")
+        _check(h.prune_gamma < 1.0, "het.prune_gamma",
+               "must be < 1 with het.self_prune (gamma = 1 never prunes)")
+    else:
+        _check(h.prune_lambda == 0, "het.prune_lambda", "is only used with het.self_prune=true")
+    if h.rank_allocation == "loss":
+        _check(me.name == "hetlora", "het.rank_allocation",
+               f"loss only applies to method hetlora (rank per client), not {me.name}")
+        _check(not h.self_prune, "het.rank_allocation",
+               "loss reassigns ranks every round; it cannot be combined with het.self_prune")
+        _check(not cfg.dp.enabled, "het.rank_allocation",
+               "loss lets one client's reported loss change another's rank, outside the DP "
+               "mechanism; use tier with dp.enabled")
     if me.name in ("hetlora", "flasc_tiers", "all_lowest_tier", "highest_tier_only",
                    "flora_stacking"):
         r_s = h.r_base ** (h.tiers - 1)

@@ -93,6 +93,7 @@ class Simulation:
             self.ledger.start_round()
             cohort = self.sample(t)
             self.method.begin_round(self.P, t)
+            self.method.cohort_sampled(t, [int(c) for c in cohort])
             updates, weights, dropped, losses, done = [], [], [], [], []
             for c in cohort:
                 decoded, stats = self.client_round(t, int(c))
@@ -103,6 +104,7 @@ class Simulation:
                 updates.append(decoded)
                 weights.append(len(self.task.data.clients[c]))
                 losses.append(stats["train_loss"])
+            self.dp_round: dict = {}
             g = self.aggregate(t, updates, weights, done)
             if g is not None:
                 self.server.step(self.P, g, self.method.step_mask(t))
@@ -115,6 +117,7 @@ class Simulation:
                    "train_loss": float(np.mean(losses)) if losses else None}
             if dropped:
                 row["dropped"] = dropped
+            row.update(self.dp_round)
             row["wall_s"] = time.perf_counter() - start
             if t % cfg.eval_every == 0 or t == cfg.rounds:
                 row.update(self.evaluate())
@@ -145,7 +148,8 @@ class Simulation:
         batches = client_batches(self.task.data.clients[c], cfg.client.batch_size,
                                  cfg.client.epochs, cfg.client.max_steps,
                                  np_rng(cfg.seed, "data_order", t, c))
-        stats = self._train(batches, m.client_train_mask(self.P, t, c))
+        stats = self._train(batches, m.client_train_mask(self.P, t, c), m.local_penalty(t, c))
+        m.client_done(t, c, P_i, self.adapter.vector, stats)
         delta = P_i - self.adapter.vector
         up_mask = m.client_upload_mask(delta, t, c)
         up = self._send(delta, up_mask, comm.up_values or comm.values,
@@ -181,11 +185,15 @@ class Simulation:
         """The pseudo-gradient: a plain (weighted) mean, or DP's clip-sum-noise-divide."""
         dp = self.cfg.dp
         if dp.enabled:  # noise even when nobody answered: an empty round must not show
-            g, _ = privatize(updates, clip_norm=dp.clip, noise_multiplier=dp.noise_multiplier,
-                             generator=torch_generator(self.cfg.seed, "dp_noise", t,
-                                                       device=self.device),
-                             cohort_size=self.cohort_size, noise_cohort_size=dp.noise_cohort_size,
-                             template=self.P)
+            g, info = privatize(updates, clip_norm=dp.clip, noise_multiplier=dp.noise_multiplier,
+                                generator=torch_generator(self.cfg.seed, "dp_noise", t,
+                                                          device=self.device),
+                                cohort_size=self.cohort_size,
+                                noise_cohort_size=dp.noise_cohort_size, template=self.P)
+            # What a user tunes C from: how many updates the clip touched, and their norms.
+            self.dp_round = {"dp_clipped_fraction": info["clipped_fraction"],
+                             "dp_update_norm_median": float(np.median(info["norms"]))
+                             if info["norms"] else None}
             return g
         if not updates:
             return None
@@ -212,12 +220,12 @@ class Simulation:
                        noise_cohort_size=dp.noise_cohort_size,
                        accountant=None if dp.accountant == "auto" else dp.accountant)
 
-    def _train(self, batches, grad_mask):
+    def _train(self, batches, grad_mask, penalty=None):
         from fedlora.client.train import train_client
 
         c = self.cfg.client
         return train_client(self.task, self.adapter, batches, lr=c.lr, momentum=c.momentum,
-                            device=self.device, grad_mask=grad_mask)
+                            device=self.device, grad_mask=grad_mask, penalty=penalty)
 
     def sample(self, t: int) -> np.ndarray:
         """Uniformly without replacement among non-empty clients, from the sampling stream."""

@@ -73,9 +73,9 @@ def spy_training(sim: Simulation) -> list[torch.Tensor]:
     """Wrap local training: entries outside the grad mask must not move; returns start vectors."""
     starts, train = [], sim._train
 
-    def wrapped(batches, grad_mask):
+    def wrapped(batches, grad_mask, penalty=None):
         start = sim.adapter.vector.clone()
-        stats = train(batches, grad_mask)
+        stats = train(batches, grad_mask, penalty)
         after = sim.adapter.vector
         if grad_mask is not None:
             assert torch.equal(after[~grad_mask], start[~grad_mask])

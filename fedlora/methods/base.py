@@ -7,6 +7,7 @@ vector after the optimizer step. A mask of None means "everything".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,6 +73,21 @@ class Method:
     def extra_download_bytes(self, round_: int, client: int) -> int:
         """Bytes of any additional payload a client downloads (stacking's merged update)."""
         return 0
+
+    def cohort_sampled(self, round_: int, cohort: list[int]) -> None:
+        """The round's cohort, before any client starts (per-round rank allocation)."""
+
+    def local_penalty(self, round_: int, client: int) -> Callable[[], torch.Tensor] | None:
+        """A term added to every local step's loss (HetLoRA's tail-norm penalty); None = none.
+
+        The callable must read the model's parameters (not copies) so that its gradient
+        reaches the flat gradient buffer."""
+        return None
+
+    def client_done(self, round_: int, client: int, start: torch.Tensor, trained: torch.Tensor,
+                    stats: dict[str, float]) -> None:
+        """After local training, before the upload mask: client-side state such as a rank
+        self-prune. `trained` is the live adapter vector: copy what you keep."""
 
     def eligible(self, clients):
         """The sampleable clients (e.g. only the highest tier); default: all non-empty."""

@@ -12,17 +12,34 @@ rescales. The server pads the slices back to r_s with `het.aggregation`:
 
 written as pseudo-gradients so any server optimizer applies; with FedAvg at lr 1 they are
 exactly the parameter rules above (tests check them against fedlora.server.hetero).
+
+Two optional extras (hetlora only, off by default; docs/heterogeneity.md):
+
+* het.self_prune (HetLoRA, Cho et al. 2023): the local loss gets
+  lambda * sum_layers ||B[:, r':r_c]|| ||A[r':r_c]||, r' = max(r_min, floor(gamma r_c)); if
+  that tail norm ends the round below its value at the start, the client uploads only r'
+  components and keeps rank r' in later rounds (persisted method state).
+* het.rank_allocation = loss (Byun & Lee 2024): each round the cohort's tier ranks are handed
+  out again, the highest to the client with the lowest last-reported local loss.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from fedlora.methods.base import Method
-from fedlora.server.hetero import assign_tiers, tier_rank
+from fedlora.server.hetero import (
+    assign_tiers,
+    loss_based_ranks,
+    pruned_rank,
+    tail_norm,
+    tail_penalty,
+    tier_rank,
+)
 
 
 def rank_mask(adapter, r: int) -> torch.Tensor:
@@ -49,11 +66,64 @@ class HetLoRA(Method):
     def setup(self, data) -> None:
         het = self.cfg.het
         self.r_s = tier_rank(het.tiers, het.r_base)
+        self.r_min = tier_rank(1, het.r_base)  # the lowest tier's rank: self-pruning's floor
         self.tiers = assign_tiers(len(data.clients), het.tiers, self.cfg.seed)
         self._masks: dict[int, torch.Tensor] = {}
+        # Each client's own rank: its tier's, lowered for good by self-pruning (checkpointed).
+        self.ranks = np.array([tier_rank(int(b), het.r_base) for b in self.tiers], dtype=np.int64)
+        # rank_allocation = loss: this round's assignment, and each client's last reported
+        # loss (+inf = never reported; checkpointed).
+        self.round_ranks: dict[int, int] = {}
+        self.last_loss = np.full(len(data.clients), np.inf)
 
     def rank_of(self, client: int) -> int:
-        return tier_rank(int(self.tiers[client]), self.cfg.het.r_base)
+        """The client's rank now: what it downloads and trains; after a self-prune in
+        client_done, the pruned rank it uploads this round and trains from then on."""
+        r = self.round_ranks.get(client)
+        return int(self.ranks[client]) if r is None else r
+
+    # ---- optional extras: loss-based rank allocation, self-pruning
+
+    def cohort_sampled(self, round_: int, cohort: list[int]) -> None:
+        """rank_allocation = loss: hand the cohort's tier ranks out again by reported loss.
+
+        Clients that never reported a loss rank after those that did, in tier order, so the
+        first round is exactly the tier assignment (docs/heterogeneity.md)."""
+        if self.cfg.het.rank_allocation != "loss":
+            return
+        tier_ranks = self.ranks[cohort]
+        ranks = loss_based_ranks(self.last_loss[cohort], tier_ranks, tiebreak=tier_ranks)
+        self.round_ranks = dict(zip(cohort, (int(r) for r in ranks)))
+
+    def local_penalty(self, round_: int, client: int) -> Callable[[], torch.Tensor] | None:
+        """self_prune: lambda * sum over layers of the tail norm of the client's rank."""
+        het = self.cfg.het
+        r = self.rank_of(client)
+        if (not het.self_prune or het.prune_lambda == 0
+                or pruned_rank(r, het.prune_gamma, self.r_min) == r):
+            return None
+        pairs = _param_pairs(self.adapter)
+        lam, gamma, r_min = het.prune_lambda, het.prune_gamma, self.r_min
+        return lambda: sum(tail_penalty(A, B, r, lam, gamma, r_min) for A, B in pairs)
+
+    def client_done(self, round_: int, client: int, start: torch.Tensor, trained: torch.Tensor,
+                    stats: dict[str, float]) -> None:
+        """Record the client's loss (rank_allocation = loss); self-prune its rank."""
+        het = self.cfg.het
+        if het.rank_allocation == "loss" and math.isfinite(stats.get("first_loss", math.nan)):
+            self.last_loss[client] = stats["first_loss"]
+        if het.self_prune:
+            r = self.rank_of(client)
+            r_new = pruned_rank(r, het.prune_gamma, self.r_min)
+            if r_new < r and self.model_tail_norm(trained, r) < self.model_tail_norm(start, r):
+                self.ranks[client] = r_new  # the upload and all later rounds use r_new
+
+    @torch.no_grad()
+    def model_tail_norm(self, vector: torch.Tensor, r: int) -> float:
+        """sum over layers of ||B[:, r':r]|| ||A[r':r]|| in `vector` (the self-prune test)."""
+        het = self.cfg.het
+        return sum(float(tail_norm(A, B, r, het.prune_gamma, self.r_min))
+                   for A, B in lora_pairs(self.adapter, vector))
 
     def mask_for_rank(self, r: int) -> torch.Tensor:
         if r not in self._masks:
@@ -96,6 +166,28 @@ class HetLoRA(Method):
     def eval_vectors(self, P):
         return {f"tier{b}": P * self.mask_for_rank(tier_rank(b, self.cfg.het.r_base))
                 for b in range(1, self.cfg.het.tiers)}  # the top tier's model is P itself
+
+    def state_json(self) -> dict:
+        out: dict = {}  # nothing with the extras off: checkpoints stay as they were
+        if self.cfg.het.self_prune:
+            out["ranks"] = [int(r) for r in self.ranks]
+        if self.cfg.het.rank_allocation == "loss":
+            out["last_loss"] = [float(x) if math.isfinite(x) else None for x in self.last_loss]
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if "ranks" in meta:
+            self.ranks = np.asarray(meta["ranks"], dtype=np.int64)
+        if "last_loss" in meta:
+            self.last_loss = np.array([np.inf if x is None else x for x in meta["last_loss"]],
+                                      dtype=np.float64)
+
+
+def _param_pairs(adapter) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) model parameters of every LoRA layer: a penalty on them reaches adapter.grad."""
+    params = {e.name: p for e, p in zip(adapter.layout, adapter.params)}
+    return [(p, params[name.replace("lora_A", "lora_B")])
+            for name, p in params.items() if "lora_A" in name]
 
 
 def _product_norm(adapter, vector: torch.Tensor, scaling: float) -> float:

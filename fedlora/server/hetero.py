@@ -36,6 +36,7 @@ __all__ = [
     "normalize_weights",
     "pad",
     "product_norms",
+    "pruned_rank",
     "replication_pad",
     "self_prune_rank",
     "sparsity_weights",
@@ -331,25 +332,36 @@ def stacking_download_numel(out_features: int, in_features: int, ranks: Sequence
 # --------------------------------------------------------------------------------------------
 
 
-def _pruned_rank(r_c: int, gamma: float) -> int:
+def pruned_rank(r_c: int, gamma: float, r_min: int = 1) -> int:
+    """The rank a shrink by ``gamma`` leaves: ``max(r_min, floor(gamma · r_c))``.
+
+    ``r_min`` is the lowest tier's rank (1 for ``r_base ** 0``): a client never prunes below
+    what the weakest tier trains. A client already at or below ``r_min`` keeps its rank.
+    """
     if not 0 < gamma <= 1:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    return max(1, math.floor(gamma * r_c))
+    if r_min < 1:
+        raise ValueError(f"r_min must be >= 1, got {r_min}")
+    if r_c <= r_min:
+        return r_c
+    return max(r_min, math.floor(gamma * r_c))
 
 
-def tail_norm(A: Tensor, B: Tensor, r_c: int, gamma: float) -> Tensor:
-    """``||B[:, r':r_c]||_F · ||A[r':r_c]||_F`` with ``r' = max(1, floor(gamma · r_c))``.
+def tail_norm(A: Tensor, B: Tensor, r_c: int, gamma: float, r_min: int = 1) -> Tensor:
+    """``||B[:, r':r_c]||_F · ||A[r':r_c]||_F`` with ``r' = pruned_rank(r_c, gamma, r_min)``.
 
     The "tail" is the components that a shrink by ``gamma`` would remove. Empty (0) when
-    ``r' = r_c``, e.g. for ``gamma = 1``. Differentiable (used as the penalty).
+    ``r' = r_c``, e.g. for ``gamma = 1``. Differentiable (used as the penalty); its gradient
+    is 0 where a factor is 0 (torch's norm backward masks 0/0), e.g. while ``B = 0``.
     """
     if not 1 <= r_c <= min(A.shape[0], B.shape[1]):
         raise ValueError(f"r_c must be in [1, {min(A.shape[0], B.shape[1])}], got {r_c}")
-    r_new = _pruned_rank(r_c, gamma)
+    r_new = pruned_rank(r_c, gamma, r_min)
     return torch.linalg.vector_norm(B[:, r_new:r_c]) * torch.linalg.vector_norm(A[r_new:r_c])
 
 
-def tail_penalty(A: Tensor, B: Tensor, r_c: int, lam: float, gamma: float) -> Tensor:
+def tail_penalty(A: Tensor, B: Tensor, r_c: int, lam: float, gamma: float,
+                 r_min: int = 1) -> Tensor:
     """HetLoRA local regularizer ``lam · tail_norm``: pushes the tail components to zero.
 
     Added to the client's local loss so that, if the data does not need them, the last
@@ -357,21 +369,22 @@ def tail_penalty(A: Tensor, B: Tensor, r_c: int, lam: float, gamma: float) -> Te
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    return lam * tail_norm(A, B, r_c, gamma)
+    return lam * tail_norm(A, B, r_c, gamma, r_min)
 
 
-def self_prune_rank(A: Tensor, B: Tensor, r_c: int, gamma: float, threshold: float) -> int:
-    """New local rank after training: ``max(1, floor(gamma · r_c))`` if the tail is small.
+def self_prune_rank(A: Tensor, B: Tensor, r_c: int, gamma: float, threshold: float,
+                    r_min: int = 1) -> int:
+    """New local rank after training: ``pruned_rank(r_c, gamma, r_min)`` if the tail is small.
 
     "Small" means ``tail_norm < threshold``. To follow HetLoRA's rule (prune when the tail
     norm went down during the round), pass the tail norm measured at the start of the round
-    as ``threshold``. ``gamma = 1`` never prunes.
+    as ``threshold``. ``gamma = 1`` never prunes. One layer; the method sums the layers.
     """
-    r_new = _pruned_rank(r_c, gamma)
+    r_new = pruned_rank(r_c, gamma, r_min)
     if r_new == r_c:
         return r_c
     with torch.no_grad():
-        small = float(tail_norm(A.detach(), B.detach(), r_c, gamma)) < threshold
+        small = float(tail_norm(A.detach(), B.detach(), r_c, gamma, r_min)) < threshold
     return r_new if small else r_c
 
 
@@ -416,22 +429,34 @@ def flasc_tier_density(tier: int, tiers: int, r_base: int) -> float:
 
 
 def loss_based_ranks(
-    losses: Sequence[float] | np.ndarray, ranks_available: Sequence[int]
+    losses: Sequence[float] | np.ndarray,
+    ranks_available: Sequence[int],
+    tiebreak: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Give the highest ranks to the clients with the lowest local loss.
 
     ``ranks_available`` is the multiset of ranks to hand out (one per client), so the total
-    bandwidth budget is unchanged; only who gets which rank changes. Ties in loss go to the
-    lower client index (stable sort). Returns ``ranks[k]`` for client ``k``.
+    bandwidth budget is unchanged; only who gets which rank changes. A loss of ``+inf`` means
+    "unknown" (a client that never reported one) and ranks after every known loss. Ties,
+    unknowns included, go to the larger ``tiebreak`` value (e.g. the client's tier rank, so
+    a cohort with no known losses gets exactly its tier ranks), then to the lower client
+    index (stable sort). Returns ``ranks[k]`` for client ``k``.
     """
     loss = np.asarray(losses, dtype=np.float64)
     avail = np.asarray(ranks_available, dtype=np.int64)
     if loss.ndim != 1 or avail.ndim != 1 or loss.shape != avail.shape:
         raise ValueError(f"need one rank per client: {loss.shape} losses, {avail.shape} ranks")
-    if not np.all(np.isfinite(loss)):
-        bad = int(np.flatnonzero(~np.isfinite(loss))[0])
-        raise ValueError(f"loss of client {bad} is not finite: {loss[bad]}")
-    order = np.argsort(loss, kind="stable")  # lowest loss first
+    bad = np.isnan(loss) | (loss == -np.inf)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"loss of client {k} must be a number or +inf (unknown), got {loss[k]}")
+    if tiebreak is None:
+        order = np.argsort(loss, kind="stable")  # lowest loss first
+    else:
+        tb = np.asarray(tiebreak, dtype=np.float64)
+        if tb.shape != loss.shape:
+            raise ValueError(f"need one tiebreak per client: {tb.shape} for {loss.shape}")
+        order = np.lexsort((np.arange(len(loss)), -tb, loss))  # last key is the primary one
     out = np.empty_like(avail)
     out[order] = np.sort(avail, kind="stable")[::-1]  # highest rank first
     return out
