@@ -4,13 +4,14 @@
                                  [--target ACC] [--threads N] [--out DIR]
 
 HetLoRA on wordnet-topics with budget tiers (3 tiers, r_base 4: ranks 1, 4, 16; or 5 tiers,
-r_base 2), `het.aggregation` in {zero_pad, replication_pad, sparsity_weighted}
-(docs/heterogeneity.md). Same seeds for every rule, so each seed samples the same clients
+r_base 2), `het.aggregation` in {zero_pad, replication_pad, sparsity_weighted}, plus
+replication padding with `het.rank_allocation=loss` (docs/heterogeneity.md).
+Same seeds for every rule, so each seed samples the same clients
 with the same tiers and data. Reports, over seeds: rounds and cumulative upload bytes until
 the server model first reaches the target accuracy (default: the best accuracy that every
 run reaches, so it is defined for all), final accuracy (mean +- std) and total upload.
-Default scale (BASE in table3.py, 30 rounds, 3 seeds): 9 runs, ~8 min each on one busy CPU
-thread. --quick: 12 rounds, 1 seed: 3 runs, ~3 min each.
+Default scale (BASE in table3.py, 30 rounds, 3 seeds): 12 runs, ~8 min each on one busy CPU
+thread. --quick: 12 rounds, 1 seed: 4 runs, ~3 min each.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from table3 import TIERS, add_common, run_arm, setup  # noqa: E402
 
 from fedlora.rundir import read_jsonl  # noqa: E402
 
-RULES = ("zero_pad", "replication_pad", "sparsity_weighted")
+# arm name -> het overrides; the last arm is replication padding with the loss-based rank
+# allocation its paper pairs it with (same multiset of ranks per round, so the same bytes).
+ARMS = {"zero_pad": {"het.aggregation": "zero_pad"},
+        "replication_pad": {"het.aggregation": "replication_pad"},
+        "sparsity_weighted": {"het.aggregation": "sparsity_weighted"},
+        "replication_pad + loss ranks": {"het.aggregation": "replication_pad",
+                                         "het.rank_allocation": "loss"}}
+RULES = tuple(ARMS)
 
 
 def to_target(rows: list[dict], target: float) -> tuple[int, int] | None:
@@ -53,8 +61,8 @@ def main(argv: list[str] | None = None) -> str:
     rows: dict[tuple[str, int], list[dict]] = {}
     for rule in RULES:
         for seed in seeds:
-            d = out / f"{rule}-s{seed}"
-            run_arm(base, d, {**het, "het.aggregation": rule, "seed": seed})
+            d = out / f"{rule.replace(' + ', '-').replace(' ', '_')}-s{seed}"
+            run_arm(base, d, {**het, **ARMS[rule], "seed": seed})
             rows[rule, seed] = read_jsonl(d / "metrics.jsonl")
     target = args.target
     if target is None:

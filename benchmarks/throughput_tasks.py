@@ -11,8 +11,9 @@ the timed client is the one with the most examples, so every step is a full batc
 * engine: `Simulation.client_round` (download encode/decode, the masked SGD+momentum loop
   over the flat adapter vector, delta, top-k at d_up = 1/4, upload encode/decode);
 * bare: a deep copy of the same peft model, `model(**batch).loss`, `backward`,
-  `torch.optim.SGD(momentum=0.9).step()`, `zero_grad()`, on the same batches built once up
-  front (so the bare loop pays no batching cost at all).
+  `torch.optim.SGD(momentum=0.9).step()`, `zero_grad()`, on exactly the batches the engine's
+  round drew (same data-order stream, so the same padded lengths), built before the clock
+  starts: the bare loop pays no batching cost at all.
 
 The two alternate in timed blocks of `--steps` steps, so other load hits both. The ratio is
 the result on a shared machine; absolute numbers only count on a quiet one (or a GPU).
@@ -35,8 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.config import load_config  # noqa: E402
+from fedlora.data.federated import client_batches  # noqa: E402
 from fedlora.engine import Simulation  # noqa: E402
 from fedlora.model.backbone import quiet_transformers  # noqa: E402
+from fedlora.rng import np_rng  # noqa: E402
 from fedlora.tasks import build_task  # noqa: E402
 
 WORDNET = ["task.name=wordnet-topics", "task.max_examples=4000", "task.num_clients=10",
@@ -77,12 +80,16 @@ def main() -> None:
     bare = copy.deepcopy(task.model).train()
     opt = torch.optim.SGD([p for p in bare.parameters() if p.requires_grad],
                           lr=cfg.client.lr, momentum=cfg.client.momentum)
-    n_batches = max(1, len(idx) // b)
-    batches = [task.batch(task.data.train, idx[i * b:(i + 1) * b], device, True)
-               for i in range(n_batches)]
-    tokens = statistics.mean(int(x["attention_mask"].sum()) for x in batches
-                             if "attention_mask" in x) if "attention_mask" in batches[0] else 0
-    state = {"round": 0, "batch": 0}
+    state = {"round": 0}
+    shapes: list[tuple[int, ...]] = []
+
+    def engine_batches(t: int, steps: int) -> list[dict[str, torch.Tensor]]:
+        """The batches the engine's round t drew (same data-order stream), built up front."""
+        order = client_batches(idx, b, cfg.client.epochs, steps,
+                               np_rng(cfg.seed, "data_order", t, c))
+        out = [task.batch(task.data.train, i, device, True) for i in order]
+        shapes.extend(tuple(x["input_ids"].shape) for x in out if "input_ids" in x)
+        return out
 
     def engine(steps: int) -> float:
         cfg.client.max_steps = steps
@@ -94,11 +101,10 @@ def main() -> None:
         return (time.perf_counter() - t0) / steps
 
     def bare_loop(steps: int) -> float:
+        batches = engine_batches(state["round"], steps)  # same examples as the engine's round
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            batch = batches[state["batch"] % n_batches]
-            state["batch"] += 1
+        for batch in batches:
             bare(**batch).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=False)
@@ -118,7 +124,8 @@ def main() -> None:
     targets = cfg.model.target_modules or "task default"
     print(f"\n{cfg.task.name}: {arch}, LoRA r={cfg.model.rank} on {targets}, "
           f"{n_train:,} trainable entries, batch {b}, max_length {cfg.task.max_length}, "
-          f"mean {tokens:.0f} non-pad tokens per batch; client {c} ({len(idx)} examples); "
+          f"padded batch shape (mean) {np.mean(shapes, axis=0).round(1).tolist()}; "
+          f"client {c} ({len(idx)} examples); "
           f"task built in {built:.1f} s; {os.cpu_count()} CPUs visible, "
           f"{torch.get_num_threads()} torch threads, device {device}; "
           f"{args.repeats} x {args.steps} timed steps after {args.warmup} warm-up\n")
