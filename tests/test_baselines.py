@@ -227,14 +227,21 @@ def test_sparse_backbone_methods_mask_the_backbone(method, tmp_path, tiny_bert_d
     sim, wire = make(tmp_path, tiny_bert_dir, text_file, monkeypatch,
                      **{"method.name": method, "method.density": 0.5, "method.prune_ratio": 0.5})
     spy_training(sim)
+    head = sim.adapter.head_mask()  # the new classifier: not W, so never masked
+    assert head is not None and head.sum() < sim.n
+    assert all("classifier" in e.name for e in sim.adapter.layout if head[e.offset])
+    init = sim.P.clone()
     sim.run()
     assert sim.n == sum(p.numel() for p in sim.task.model.parameters())
     dense_first = method != "federated_select_backbone"
+    n_head = int(head.sum())
     for t, _, up, mask in wire.pairs():
-        k = sim.n if (t == 1 and dense_first) else num_kept(sim.n, 0.5)
+        k = sim.n if (t == 1 and dense_first) else n_head + num_kept(sim.n - n_head, 0.5)
         assert codec.header(up)["k"] == k
         if mask is not None:
             assert values_only(up, mask)
+            assert mask[head].all()
+    assert (sim.P[head] != init[head]).all()  # every head entry trained
     if dense_first:
         assert (sim.P[~sim.method.mask] == 0).all()
     wire.check_ledger()

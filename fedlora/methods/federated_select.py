@@ -7,17 +7,16 @@ step leaves entries outside M (values and optimizer state) as they were.
 On LoRA, B starts at zero: whenever k = floor(d * n) is below the number of nonzero
 entries, no B entry is selected, A gets no gradient (it is multiplied by B = 0), and
 only the head trains. This is the method as specified (and as in the public reference
-code); the backbone variant, the method's original setting, has no such issue.
+code). The backbone variant keeps the task's new head out of the mask (methods/backbone.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedlora.comm.topk import topk_mask
 from fedlora.methods.masked import Masked
 
 
 class FederatedSelect(Masked):
     def begin_round(self, P: torch.Tensor, round_: int) -> None:
-        self.mask = topk_mask(P.abs(), self.cfg.method.density)
+        self.mask = self.select(P.abs(), self.cfg.method.density)

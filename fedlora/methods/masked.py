@@ -39,6 +39,21 @@ class Masked(Method):
     def implicit_positions(self, direction: str, client: int) -> bool:
         return direction == "up"
 
+    @property
+    def exempt(self) -> torch.Tensor | None:
+        """Entries outside the competition, always in M: a backbone method's new task head
+        (its W-only masks, methods/backbone.py). None for the LoRA methods."""
+        return None
+
+    def select(self, scores: torch.Tensor, density: float) -> torch.Tensor:
+        """TopKMask(scores, density) over the competing entries, plus every exempt entry."""
+        free = self.exempt
+        if free is None:
+            return topk_mask(scores, density)
+        mask = free.clone()
+        mask[~free] = topk_mask(scores[~free], density)
+        return mask
+
     def prune_(self, P: torch.Tensor, density: float) -> None:
         """Permanently prune P to `density` of all n entries: M = TopKMask(|P|, d), P <- P * M.
 
@@ -46,7 +61,7 @@ class Masked(Method):
         so masks are nested: a pruned entry never comes back.
         """
         scores = P.abs() if self.mask is None else torch.where(self.mask, P.abs(), -1.0)
-        self.mask = topk_mask(scores, density)
+        self.mask = self.select(scores, density)
         P.masked_fill_(~self.mask, 0.0)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

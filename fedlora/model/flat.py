@@ -45,6 +45,8 @@ class FlatAdapter:
             self.layout.append(Entry(name, tuple(p.shape), offset))
             offset += p.numel()
         self.n = offset
+        # The task's new head module (set by add_lora for backbone-training methods) or None.
+        self.head: str | None = getattr(model, "fedlora_head", None)
         self.vector = torch.empty(self.n, device=device, dtype=dtype)
         self.grad = torch.zeros(self.n, device=device, dtype=dtype)
         self.params = [p for _, p in params]
@@ -76,6 +78,13 @@ class FlatAdapter:
             if predicate(e.name):
                 mask[e.slice] = True
         return mask
+
+    def head_mask(self) -> torch.Tensor | None:
+        """Entries of the task's new head (see `head`); None when there is none."""
+        if self.head is None:
+            return None
+        mask = self.named_slices(lambda n: n == self.head or n.startswith(self.head + "."))
+        return mask if mask.any() else None
 
     def layout_json(self) -> str:
         return json.dumps([{"name": e.name, "shape": list(e.shape), "offset": e.offset}

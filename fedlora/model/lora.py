@@ -40,6 +40,9 @@ def add_lora(model: torch.nn.Module, config: Config, default_targets: list[str],
     fine-tuning" is all weights). model.rank/alpha/target_modules/train_head are unused then.
     """
     if trains_backbone(config):
+        # The sparse-backbone masks act on the pretrained W; the task's new head is not W
+        # (FlatAdapter.head reads this name, methods/backbone.py keeps it dense).
+        model.fedlora_head = head
         return model.requires_grad_(True)
     cfg = config.model
     targets = cfg.target_modules or default_targets
