@@ -22,14 +22,17 @@ class RunDirError(RuntimeError):
     pass
 
 
-def prepare(out: Path, resume: bool) -> Path:
+def prepare(out: Path, resume: bool, create: bool = True) -> Path:
+    """Refuse to overwrite a run; `create=False` only checks (a run whose config or task
+    then fails must not leave an empty directory behind)."""
     out = Path(out)
     if not resume and (out / "metrics.jsonl").exists():
         raise RunDirError(
             f"{out} already holds a run; resume it with `fedlora resume {out}` or choose "
             "another --out (nothing was changed)"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -29,24 +29,31 @@ def one_thread():
 
 
 class Wire:
-    """Spy on codec.encode: per round, the (download, upload) payloads and the mask."""
+    """Spy on the engine's download and upload: per client, the payloads and the mask."""
 
     def __init__(self, sim: Simulation, monkeypatch):
-        self.sim, self.sent = sim, []
-        encode = codec.encode
+        self.sim, self.down, self.up = sim, [], []
+        download, send = sim._download, sim._send
 
-        def spy(*args, **kw):
-            payload = encode(*args, **kw)
+        def spy_down(*args, **kw):
+            payload, received = download(*args, **kw)
             mask = getattr(sim.method, "mask", None)
-            self.sent.append((sim.round + 1, payload, None if mask is None else mask.clone()))
+            self.down.append((sim.round + 1, payload, None if mask is None else mask.clone()))
+            return payload, received
+
+        def spy_send(v, *args, **kw):
+            payload = send(v, *args, **kw)
+            if v is not sim.P:  # downloads are recorded per client by spy_down
+                self.up.append(payload)
             return payload
 
-        monkeypatch.setattr(codec, "encode", spy)
+        monkeypatch.setattr(sim, "_download", spy_down)
+        monkeypatch.setattr(sim, "_send", spy_send)
 
     def pairs(self) -> list[tuple[int, bytes, bytes, torch.Tensor | None]]:
         """(round, download, upload, mask) per client, in engine order."""
-        s = self.sent
-        return [(s[i][0], s[i][1], s[i + 1][1], s[i][2]) for i in range(0, len(s), 2)]
+        assert len(self.down) == len(self.up)
+        return [(t, d, u, m) for (t, d, m), u in zip(self.down, self.up)]
 
     def check_ledger(self) -> None:
         """Every ledger row's bytes are exactly the lengths of the payloads sent."""

@@ -136,6 +136,28 @@ def test_server_aggregates_exactly_what_it_decoded(tmp_path, tiny_bert_dir, text
     assert torch.allclose(sim.P, P0 - g, atol=1e-6)
 
 
+
+def test_download_is_encoded_once_per_round_and_decodes_to_the_server_vector(
+        tmp_path, tiny_bert_dir, text_file):
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, text_file,
+                                           **{"method.d_down": "1/4", "method.d_up": "1/4"}))
+    sim = Simulation(cfg, tmp_path / "down", progress=False)
+    sent, send = [], sim._send
+
+    def spy(v, mask, values, implicit):
+        payload = send(v, mask, values, implicit)
+        if v is sim.P:  # a download: check it against the server vector of that moment
+            expect = sim.P * mask
+            assert torch.equal(codec.decode(payload, sim.n), expect)
+            sent.append(len(payload))
+        return payload
+
+    sim._send = spy
+    sim.run()
+    assert len(sent) == cfg.rounds  # not once per client
+    for row in read_jsonl(tmp_path / "down" / "ledger.jsonl"):
+        assert row["download_bytes"] == sent[row["round"] - 1]
+
 def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_bert_dir, text_file):
     _run(tmp_path, "once", tiny_bert_dir, text_file)
     before = (tmp_path / "once" / "metrics.jsonl").read_text()
@@ -144,7 +166,8 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_bert_dir, text_file)
     assert (tmp_path / "once" / "metrics.jsonl").read_text() == before
 
 
-def test_cli_run_and_errors(tmp_path, tiny_bert_dir, text_file, capsys):
+def test_cli_run_and_errors(tmp_path, tiny_bert_dir, text_file, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     args = ["run", "--no-progress", "--out", str(tmp_path / "cli")]
     for item in tiny_overrides(tiny_bert_dir, text_file, rounds=1):
         args += ["--set", item]
@@ -155,6 +178,7 @@ def test_cli_run_and_errors(tmp_path, tiny_bert_dir, text_file, capsys):
     assert main(["run", "--set", "task.name=text-file",
                  "--set", f"task.path={tmp_path}/nope.csv"]) == 2
     assert "task.path" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # failed runs leave no empty run directory
     assert main(["resume", str(tmp_path / "cli"), "--rounds", "2", "--no-progress"]) == 0
     assert len(read_jsonl(tmp_path / "cli" / "metrics.jsonl")) == 2
 

