@@ -92,18 +92,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     from fedlora.report import report
     from fedlora.sweep import search
 
-    metric = args.metric or ("accuracy" if args.target is not None else None)
     results = search(args.config, [int(r) for r in _floats(args.ranks)],
-                     _floats(args.densities), args.out, overrides=args.set, metric=metric,
+                     _floats(args.densities), args.out, overrides=args.set, metric=args.metric,
                      target=args.target)
-    print("| strategy | trials | tuning upload (MB) | best utility | best (rank, d_up) |")
+    best = "best utility" if args.target is None else f"best: MB to reach {args.target:g}"
+    print(f"| strategy | trials | tuning upload (MB) | {best} | best (rank, d_up) |")
     print("|---|---|---|---|---|")
     for name, res in results.items():
         b = res.best
-        print(f"| {name} | {len(res.trials)} | {res.total_upload_bytes / 1e6:.1f} | "
-              f"{b.utility:.4g} | ({b.rank}, {b.d_up:.4g}) |" if b else f"| {name} | 0 |")
+        if b is None:
+            print(f"| {name} | 0 |")
+            continue
+        # with a target, utility is minus the bytes to reach it (-inf: never reached)
+        shown = f"{b.utility:.4g}" if args.target is None else f"{-b.utility / 1e6:.2f}"
+        print(f"| {name} | {len(res.trials)} | {res.total_upload_bytes / 1e6:.1f} | {shown} "
+              f"| ({b.rank}, {b.d_up:.4g}) |")
     md = report([Path(args.out) / "trials"], Path(args.out) / "report", metric=args.metric,
-                ledgers={n: r for n, r in results.items()})
+                target=args.target, ledgers={n: r for n, r in results.items()},
+                search_target=args.target)
     print(f"\nreport: {md}")
     return 0
 

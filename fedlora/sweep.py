@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from fedlora.config import load_config
 from fedlora.engine import Simulation
+from fedlora.report.runs import choose_metric, load_run
 from fedlora.rundir import read_jsonl
 from fedlora.search import SearchResult, TrialResult, flasc_s, full_grid, lora_rank_grid
 
@@ -103,8 +104,10 @@ def search(config: str | Path | None, ranks: Sequence[int], densities: Sequence[
         result = TrialResult.from_run_dir(run_dir, metric)
         if target is None:
             return result
-        rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get(metric) is not None]
-        hit = next((r["cum_upload_bytes"] for r in rows if r[metric] >= target), None)
+        name, higher = choose_metric([load_run(run_dir)], metric)  # perplexity: lower wins
+        rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get(name) is not None]
+        hit = next((r["cum_upload_bytes"] for r in rows
+                    if (r[name] >= target if higher else r[name] <= target)), None)
         return TrialResult(-math.inf if hit is None else -float(hit), result.upload_bytes,
                            str(run_dir))
 

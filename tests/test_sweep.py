@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 from conftest import tiny_overrides
 
 from fedlora.cli import main
-from fedlora.sweep import parse_grid, run_point, sweep
+from fedlora.rundir import read_jsonl
+from fedlora.sweep import parse_grid, run_point, search, sweep
 
 
 def test_sweep_runs_the_grid_and_resume_skips_finished(tmp_path, tiny_bert_dir, text_file):
@@ -49,3 +51,17 @@ def test_search_and_report_cli(tmp_path, tiny_bert_dir, text_file, capsys):
     assert (tmp_path / "s" / "report" / "report.md").exists()
     assert main(["report", str(tmp_path / "s" / "trials"), "--out", str(tmp_path / "r")]) == 0
     assert list((tmp_path / "r").glob("*.png"))
+
+
+def test_search_target_scores_bytes_to_target_in_the_metric_direction(
+        tmp_path, tiny_bert_dir, text_file):
+    over = tiny_overrides(tiny_bert_dir, text_file, rounds=2)
+    plain = search(None, [1, 2], [0.5, 1.0], tmp_path, overrides=over, progress=False)
+    loss = {(t.rank, t.d_up): read_jsonl(Path(t.run_dir) / "metrics.jsonl")
+            for t in plain["full_grid"].trials}
+    target = max(rows[0]["loss"] for rows in loss.values())  # every trial reaches it at once
+    scored = search(None, [1, 2], [0.5, 1.0], tmp_path, overrides=over, metric="loss",
+                    target=target, progress=False)  # finished trials: rescored, not rerun
+    for t in scored["full_grid"].trials:
+        first = next(r for r in loss[t.rank, t.d_up] if r["loss"] <= target)  # lower wins
+        assert t.utility == -first["cum_upload_bytes"]

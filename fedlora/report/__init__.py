@@ -52,13 +52,15 @@ def report(
     metric: str | None = None,
     target: float | None = None,
     ledgers: Mapping[str, Any] | None = None,
+    search_target: float | None = None,
 ) -> Path:
     """Write the PNGs and ``report.md`` for some runs; return the markdown path.
 
     ``run_dirs`` may name run directories or folders holding them. ``metric`` defaults to
     the first of accuracy / perplexity / micro_f1 the runs log; ``target`` defaults to the
     best value every run reaches. ``ledgers`` (name -> SearchResult / ledger.csv) adds the
-    tuning-cost plot.
+    tuning-cost plot; ``search_target`` says its trials were scored by bytes to reach that
+    value of ``metric`` (``fedlora search --target``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,8 @@ def report(
         plot_bytes_to_target(groups, out / "bytes_to_target.png", metric=metric, targets=target)
         figures["bytes_to_target.png"] = "Upload needed to reach the target (Fig. 4)"
     if ledgers:
-        plot_tuning(ledgers, out / "tuning.png", metric=metric, higher_is_better=higher)
+        plot_tuning(ledgers, out / "tuning.png", metric=metric, higher_is_better=higher,
+                    bytes_to=search_target)
         figures["tuning.png"] = "Tuning cost: best utility vs. cumulative tuning upload (Fig. 7)"
 
     table = summary_table(groups, metric, target, higher)

@@ -376,13 +376,21 @@ def plot_tuning(
     higher_is_better: bool = True,
     logx: bool | None = None,
     title: str | None = None,
+    bytes_to: float | None = None,
 ) -> Path:
     """Best utility found so far vs. cumulative tuning upload bytes (paper Fig. 7).
 
     Each strategy (FLASC-S, LoRA rank grid, full grid, ...) is a step line: the cost of
     tuning is every trial's upload, the payoff is the best configuration found so far.
+    ``bytes_to``: the ledgers come from a search scored by bytes to reach this value of
+    ``metric`` (utility = -bytes); the y axis then shows those bytes, lower is better.
     """
     frames = {name: ledger_frame(led) for name, led in ledgers.items()}
+    if bytes_to is not None:
+        frames = {name: f.assign(**{c: (-f[c]).replace(np.inf, np.nan)
+                                    for c in ("utility", "best_utility") if c in f})
+                  for name, f in frames.items()}
+        higher_is_better = False
     xs = [x for f in frames.values() for x in f["cum_upload_bytes"]]
     log = _want_log(xs, logx)
     with matplotlib.rc_context(STYLE):
@@ -411,9 +419,14 @@ def plot_tuning(
         format_bytes_axis(ax, "x", log)
         ax.set_xlabel("Cumulative tuning upload communication" + (" (log scale)" if log else ""))
         name = METRIC_NAMES.get(metric, metric).lower()
-        ax.set_ylabel(f"Best {name} so far ({'↑' if higher_is_better else '↓'})")
+        if bytes_to is None:
+            ax.set_ylabel(f"Best {name} so far ({'↑' if higher_is_better else '↓'})")
+        else:
+            format_bytes_axis(ax, "y", log)
+            ax.set_ylabel(f"Best upload to reach {name} {bytes_to:g} so far (↓)")
         ax.set_title(title or "Tuning cost: best configuration vs. communication", loc="left")
-        ax.legend(loc="lower right" if higher_is_better else "upper right")
+        ax.legend(loc="best" if bytes_to is not None else
+                  "lower right" if higher_is_better else "upper right")
         return _save(fig, out)
 
 
