@@ -281,3 +281,25 @@ def test_resume_of_a_pruning_method_equals_an_uninterrupted_run(method, tmp_path
     assert resumed.method.state_json() == full.method.state_json()
     assert read_jsonl(tmp_path / "crash" / "ledger.jsonl") == read_jsonl(
         tmp_path / "full" / "ledger.jsonl")
+
+
+def test_modules_the_checkpoint_lacks_are_new_not_w(tmp_path, tiny_bert_dir, text_file):
+    """A checkpoint without BERT's pooler: the pooler is randomly initialized on load, so like
+    the classifier it stays out of the backbone mask."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "no-pooler"
+    shutil.copytree(tiny_bert_dir, bare)
+    weights = load_file(bare / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "pooler" not in k},
+              str(bare / "model.safetensors"), metadata={"format": "pt"})
+    over = {"method.name": "federated_select_backbone", "method.density": 0.5}
+    for model_dir, new in ((tiny_bert_dir, {"classifier"}), (bare, {"classifier", "pooler"})):
+        cfg = load_config(None, tiny_overrides(model_dir, text_file, **over))
+        adapter = Simulation(cfg, tmp_path / model_dir.name, progress=False).adapter
+        head = adapter.head_mask()
+        kinds = {k for e in adapter.layout if head[e.offset] for k in ("classifier", "pooler")
+                 if k in e.name}
+        assert kinds == new

@@ -45,8 +45,9 @@ class FlatAdapter:
             self.layout.append(Entry(name, tuple(p.shape), offset))
             offset += p.numel()
         self.n = offset
-        # The task's new head module (set by add_lora for backbone-training methods) or None.
-        self.head: str | None = getattr(model, "fedlora_head", None)
+        # Modules that are new, not pretrained: the task's head and anything the checkpoint
+        # lacked (set by add_lora for backbone-training methods); empty otherwise.
+        self.head: tuple[str, ...] = tuple(getattr(model, "fedlora_head", None) or ())
         self.vector = torch.empty(self.n, device=device, dtype=dtype)
         self.grad = torch.zeros(self.n, device=device, dtype=dtype)
         self.params = [p for _, p in params]
@@ -80,10 +81,10 @@ class FlatAdapter:
         return mask
 
     def head_mask(self) -> torch.Tensor | None:
-        """Entries of the task's new head (see `head`); None when there is none."""
-        if self.head is None:
+        """Entries of the new modules (see `head`); None when there are none."""
+        if not self.head:
             return None
-        mask = self.named_slices(lambda n: n == self.head or n.startswith(self.head + "."))
+        mask = self.named_slices(lambda n: any(n == h or n.startswith(h + ".") for h in self.head))
         return mask if mask.any() else None
 
     def layout_json(self) -> str:

@@ -8,6 +8,8 @@ adapted weights W of every LoRA-wrapped module in the flat vector.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -31,18 +33,21 @@ def trains_target_weights(config: Config) -> bool:
 
 
 def add_lora(model: torch.nn.Module, config: Config, default_targets: list[str],
-             head: str | None) -> torch.nn.Module:
+             head: str | None, new: Sequence[str] = ()) -> torch.nn.Module:
     """Wrap `model` with LoRA. The caller seeds torch's RNG (the `init` stream) around
     model loading and this call, so the new head and every A are the same on all clients.
 
     For a backbone-training method, return `model` unwrapped with *all* parameters
     trainable: embeddings, every layer, norms, biases and the head (the paper's "full
     fine-tuning" is all weights). model.rank/alpha/target_modules/train_head are unused then.
+    `new` names modules the checkpoint did not supply (randomly initialized on load, e.g. a
+    sentence-transformers checkpoint's missing BERT pooler): like the head, they are not
+    pretrained W.
     """
     if trains_backbone(config):
-        # The sparse-backbone masks act on the pretrained W; the task's new head is not W
-        # (FlatAdapter.head reads this name, methods/backbone.py keeps it dense).
-        model.fedlora_head = head
+        # The sparse-backbone masks act on the pretrained W; the task's new head and other
+        # freshly initialized modules are not W (FlatAdapter.head, methods/backbone.py).
+        model.fedlora_head = tuple(dict.fromkeys(m for m in (head, *new) if m))
         return model.requires_grad_(True)
     cfg = config.model
     targets = cfg.target_modules or default_targets

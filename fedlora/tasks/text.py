@@ -76,14 +76,15 @@ class TextClassification:
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed(cfg.seed, "init"))
-            model = AutoModelForSequenceClassification.from_pretrained(
-                backbone, num_labels=len(names),
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                backbone, num_labels=len(names), output_loading_info=True,
                 id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
             )
             model.config.pad_token_id = self.tokenizer.pad_token_id
             targets = DEFAULT_TARGETS.get(model.config.model_type, ["query", "value"])
             head = next((h for h in HEADS if hasattr(model, h)), None)
-            self.model = add_lora(model, cfg, targets, head).to(device)
+            fresh = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+            self.model = add_lora(model, cfg, targets, head, new=fresh).to(device)
 
     def batch(self, split: Split, idx: np.ndarray, device: torch.device,
               train: bool) -> dict[str, torch.Tensor]:
