@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from fedlora.config import load_config
 from fedlora.engine import Simulation
 from fedlora.report.runs import choose_metric, load_run
-from fedlora.rundir import read_jsonl
+from fedlora.report.table import bytes_to_target
 from fedlora.search import SearchResult, TrialResult, flasc_s, full_grid, lora_rank_grid
 
 
@@ -101,14 +101,12 @@ def search(config: str | Path | None, ranks: Sequence[int], densities: Sequence[
         run_dir = out / "trials" / f"r{rank}-d{_fraction(d_up).replace('/', '_')}"
         run_point(config, over, run_dir)
         bar.update(1)
-        result = TrialResult.from_run_dir(run_dir, metric)
         if target is None:
-            return result
-        name, higher = choose_metric([load_run(run_dir)], metric)  # perplexity: lower wins
-        rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get(name) is not None]
-        hit = next((r["cum_upload_bytes"] for r in rows
-                    if (r[name] >= target if higher else r[name] <= target)), None)
-        return TrialResult(-math.inf if hit is None else -float(hit), result.upload_bytes,
+            return TrialResult.from_run_dir(run_dir, metric)
+        run = load_run(run_dir)
+        name, higher = choose_metric([run], metric)  # perplexity: lower wins
+        hit = bytes_to_target(run.metrics, name, target, higher)
+        return TrialResult(-math.inf if hit is None else -float(hit), run.total_upload_bytes,
                            str(run_dir))
 
     cache: dict = {}

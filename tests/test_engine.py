@@ -136,7 +136,6 @@ def test_server_aggregates_exactly_what_it_decoded(tmp_path, tiny_bert_dir, text
     assert torch.allclose(sim.P, P0 - g, atol=1e-6)
 
 
-
 def test_download_is_encoded_once_per_round_and_decodes_to_the_server_vector(
         tmp_path, tiny_bert_dir, text_file):
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, text_file,
@@ -157,6 +156,7 @@ def test_download_is_encoded_once_per_round_and_decodes_to_the_server_vector(
     assert len(sent) == cfg.rounds  # not once per client
     for row in read_jsonl(tmp_path / "down" / "ledger.jsonl"):
         assert row["download_bytes"] == sent[row["round"] - 1]
+
 
 def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_bert_dir, text_file):
     _run(tmp_path, "once", tiny_bert_dir, text_file)

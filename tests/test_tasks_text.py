@@ -289,7 +289,6 @@ def test_gpt2_default_offline_says_which_folder(monkeypatch):
         gpt2_backbone(_cfg(**{"task.name": "20news"}))
 
 
-
 def test_hub_name_is_fetched_only_when_online(monkeypatch):
     from fedlora.model.backbone import resolve
 
@@ -310,6 +309,7 @@ def test_hub_name_is_fetched_only_when_online(monkeypatch):
     with pytest.raises(MissingResource, match="HF_HUB_OFFLINE is set.*model.name=DIR"):
         resolve("org/model", None)
     assert calls == [True]  # offline: the hub is never asked
+
 
 # ---------------------------------------------------------------- reddit
 
