@@ -11,9 +11,9 @@ from fedlora.methods.backbone import SPDST, FederatedSelectBackbone, FedSparsify
 from fedlora.methods.base import Client, Server
 from fedlora.methods.federated_select import FederatedSelect
 from fedlora.methods.ffa_lora import FFALoRA
-from fedlora.methods.flasc import FLASC
+from fedlora.methods.flasc import FLASC, FLASCTiers
 from fedlora.methods.flora import FLoRATwoStage
-from fedlora.methods.hetlora import AllLowestTier, FLASCTiers, HetLoRA, HighestTierOnly
+from fedlora.methods.hetlora import AllLowestTier, HetLoRA, HighestTierOnly
 from fedlora.methods.lora import LoRA
 from fedlora.methods.sparse_adapter import SparseAdapter
 from fedlora.methods.stacking import FLoRAStacking
