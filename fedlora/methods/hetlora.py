@@ -37,6 +37,8 @@ from fedlora.methods.tiers import Tiers, TierSettings
 from fedlora.model.layers import lora_pairs, param_pairs, rank_mask
 from fedlora.server.hetero import (
     loss_based_ranks,
+    padded_pseudo_gradient,
+    product_norms,
     pruned_rank,
     tail_norm,
     tail_penalty,
@@ -165,26 +167,23 @@ class HetLoRA(Server):
         return self.mask_for_rank(self.rank_of(client))
 
     def aggregate(self, updates, clients, weights, P):
+        """`het.aggregation` on the rank-masked updates (fedlora.server.hetero)."""
         rule = self.cfg.het.aggregation
         masks = [self.mask_for_rank(self.rank_of(c)) for c in clients]
         p = [float(w) for w in weights] if self.cfg.server.weighted else [1.0] * len(clients)
-        if rule == "sparsity_weighted":
+        if rule == "sparsity_weighted":  # p_k = ||s B_k A_k||_F over all layers, zero padding
             scaling = self.cfg.model.alpha / self.r_s
-            p = [_product_norm(self.adapter, m * P - u, scaling) for u, m in zip(updates, masks)]
+            squares = [0.0] * len(updates)
+            trained = [list(lora_pairs(self.adapter, m * P - u)) for u, m in zip(updates, masks)]
+            for layer in range(len(trained[0])):
+                norms = product_norms([t[layer][0] for t in trained],
+                                      [t[layer][1] for t in trained], scaling)
+                squares = [sq + float(n ** 2) for sq, n in zip(squares, norms)]
+            p = [math.sqrt(sq) for sq in squares]
             if sum(p) == 0:
                 p = [1.0] * len(updates)
-        total = sum(p)
-        g = torch.zeros_like(P)
-        if rule == "replication_pad":
-            cover = torch.zeros_like(P)
-            for u, m, w in zip(updates, masks, p):
-                g.add_(u, alpha=w)
-                cover.add_(m.to(P.dtype), alpha=w)
-            return torch.where(cover > 0, g / cover.clamp_min(1e-30), torch.zeros_like(g))
-        for u, m, w in zip(updates, masks, p):  # zero padding: untrained share pulls to 0
-            g.add_(u, alpha=w / total)
-            g.add_(P * (~m), alpha=w / total)
-        return g
+            rule = "zero_pad"
+        return padded_pseudo_gradient(rule, updates, masks, p, P)
 
     def eval_vectors(self, P):
         return {f"tier{b}": P * self.mask_for_rank(tier_rank(b, self.cfg.het.r_base))
@@ -204,14 +203,6 @@ class HetLoRA(Server):
         if "last_loss" in meta:
             self.last_loss = np.array([np.inf if x is None else x for x in meta["last_loss"]],
                                       dtype=np.float64)
-
-
-def _product_norm(adapter, vector: torch.Tensor, scaling: float) -> float:
-    """||s B A||_F over all layers of a client's trained adapter (sqrt of summed squares)."""
-    total = 0.0
-    for A, B in lora_pairs(adapter, vector):
-        total += float(torch.linalg.matrix_norm(scaling * (B @ A)) ** 2)
-    return math.sqrt(total)
 
 
 class AllLowestTier(HetLoRA):
