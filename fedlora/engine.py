@@ -23,6 +23,7 @@ from fedlora.config import Config, config_from_dict
 from fedlora.data.federated import client_batches
 from fedlora.methods import build_method
 from fedlora.model.flat import FlatAdapter
+from fedlora.personal.evaluate import PersonalEval
 from fedlora.privacy import EpsilonReport, epsilon, privatize, validate_privacy_config
 from fedlora.rng import np_rng, torch_generator, torch_seed
 from fedlora.server.aggregate import weighted_mean
@@ -52,6 +53,9 @@ class Simulation:
         self.method = build_method(cfg, self.adapter)
         self.method.setup(self.task.data)
         self.ledger = Ledger()
+        self.personal = (PersonalEval(cfg, self.task, self.adapter, self.out,
+                                      self.task.initial_vector, self.device)
+                         if cfg.eval.personalized else None)
         if cfg.dp.enabled:
             d = cfg.dp
             validate_privacy_config(
@@ -128,6 +132,9 @@ class Simulation:
                     row.update(epsilon=report.epsilon, delta=report.delta)
                 bar.set_postfix({self.task.utility: f"{row.get(self.task.utility, 0):.3f}",
                                  "up": f"{self.ledger.cum_upload / 1e6:.1f}MB"})
+            if self.personal is not None and self.personal.due(t):
+                row.update(self.personal.evaluate(t, self.P, getattr(self.method, "deployed",
+                                                                      None)))
             self.round = t
             rundir.append_jsonl(self.out / "ledger.jsonl", self.ledger.rows)
             rundir.append_jsonl(self.out / "metrics.jsonl", [row])
@@ -288,6 +295,8 @@ class Simulation:
         self.round = meta["round"]
         for name in ("metrics.jsonl", "ledger.jsonl"):
             rundir.truncate_jsonl(self.out / name, self.round)
+        if self.personal is not None:
+            self.personal.truncate(self.round)
 
     def write_summary(self) -> dict:
         rows = rundir.read_jsonl(self.out / "metrics.jsonl")
