@@ -101,3 +101,23 @@ def test_engine_writes_per_client_metrics(tiny_bert_dir, text_file, tmp_path):
     assert read_per_client(tmp_path / "run") == final
     md = report([tmp_path / "run"], tmp_path / "report").read_text()
     assert "per_client.png" in md and (tmp_path / "report" / "per_client.png").stat().st_size > 0
+
+
+def test_fusion_weights_pick_the_grid_point_of_least_penalised_loss():
+    from fedlora.client.personal import FUSION_GRID, fuse, fusion_weights
+
+    p, g = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, -1.0])
+    target = fuse(p, g, (0.5, 1.5))
+    calls = []
+
+    def loss_of(v):
+        calls.append(v)
+        return float(((v - target) ** 2).sum())
+
+    w, score = fusion_weights(loss_of, p, g, l1=0.01)
+    assert w == (0.5, 1.5) and score == pytest.approx(0.01 * 2.0)
+    assert len(calls) == len(FUSION_GRID) ** 2
+    # a large L1 penalty pulls the weights to zero: the base model alone
+    assert fusion_weights(loss_of, p, g, l1=100.0)[0] == (0.0, 0.0)
+    # equal scores: the first candidate in grid order wins
+    assert fusion_weights(lambda v: 1.0, p, g, l1=0.0)[0] == (FUSION_GRID[0], FUSION_GRID[0])
