@@ -442,8 +442,6 @@ def validate(cfg: Config) -> None:
 
 def _validate_personal(cfg: Config) -> None:
     """task.local_test_fraction, eval.* and personal.*."""
-    from fedlora.methods import METHODS
-
     f = cfg.task.local_test_fraction
     _check(0.0 <= f < 1.0 and math.isfinite(f), "task.local_test_fraction",
            f"must be in [0, 1), got {f}")
@@ -457,13 +455,15 @@ def _validate_personal(cfg: Config) -> None:
                "needs each client's local test split: set task.local_test_fraction > 0 "
                "(e.g. 0.2)")
     p = cfg.personal
-    _check(p.base in METHODS and p.base not in PERSONAL_METHODS, "personal.base",
-           f"must be a non-personalized method, got {p.base!r}")
+    _check(p.base in FINETUNE_BASES, "personal.base",
+           f"must be one of {', '.join(FINETUNE_BASES)} (a LoRA method without budget tiers "
+           f"or stages), got {p.base!r}")
     _check(p.finetune_steps >= 0, "personal.finetune_steps", "must be >= 0")
     _check(p.fusion_examples >= 1, "personal.fusion_examples", "must be >= 1")
     _check(p.fusion_l1 >= 0 and math.isfinite(p.fusion_l1), "personal.fusion_l1",
            "must be a finite number >= 0")
 
 
-# Methods whose clients hold state of their own (fedlora/methods/personal.py).
-PERSONAL_METHODS = ("local_only", "finetune_global", "fdlora", "flasc_personal")
+# finetune_global's base methods: LoRA methods whose halves need no config checks of their own.
+FINETUNE_BASES = ("flasc", "lora", "ffa_lora", "adapter_lth", "sparse_adapter",
+                  "federated_select")

@@ -1,20 +1,25 @@
-"""Method registry: each method is one small file saying what differs from FLASC's loop."""
+"""Method registry: each method is one small file with a server half and a client half
+saying only what differs from dense LoRA (fedlora/methods/base.py)."""
 
 from __future__ import annotations
 
 from fedlora.methods.adapter_lth import AdapterLTH
 from fedlora.methods.backbone import SPDST, FederatedSelectBackbone, FedSparsify, FullFinetune
-from fedlora.methods.base import Method
+from fedlora.methods.base import Client, Server
+from fedlora.methods.fdlora import FDLoRA
 from fedlora.methods.federated_select import FederatedSelect
 from fedlora.methods.ffa_lora import FFALoRA
+from fedlora.methods.finetune_global import FinetuneGlobal
 from fedlora.methods.flasc import FLASC
+from fedlora.methods.flasc_personal import FLASCPersonal
 from fedlora.methods.flora import FLoRATwoStage
 from fedlora.methods.hetlora import AllLowestTier, FLASCTiers, HetLoRA, HighestTierOnly
+from fedlora.methods.local_only import LocalOnly
 from fedlora.methods.lora import LoRA
 from fedlora.methods.sparse_adapter import SparseAdapter
 from fedlora.methods.stacking import FLoRAStacking
 
-METHODS: dict[str, type[Method]] = {
+METHODS: dict[str, type[Server]] = {
     "flasc": FLASC,
     "lora": LoRA,
     "adapter_lth": AdapterLTH,
@@ -31,8 +36,15 @@ METHODS: dict[str, type[Method]] = {
     "highest_tier_only": HighestTierOnly,
     "flora_two_stage": FLoRATwoStage,
     "flora_stacking": FLoRAStacking,
+    # personalization (docs/personalization.md): client-held state, per-client deployment
+    "local_only": LocalOnly,
+    "finetune_global": FinetuneGlobal,
+    "fdlora": FDLoRA,
+    "flasc_personal": FLASCPersonal,
 }
 
+__all__ = ["METHODS", "Client", "Server", "build_method"]
 
-def build_method(cfg, adapter) -> Method:
+
+def build_method(cfg, adapter) -> Server:
     return METHODS[cfg.method.name](cfg, adapter)
