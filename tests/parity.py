@@ -68,7 +68,7 @@ CASES: dict[str, dict] = {
     # personalization (issue 17), with per-client evaluation on 3 clients
     "local_only": {"method.name": "local_only", **PERSONAL},
     "finetune_global": {"method.name": "finetune_global", "method.d_up": "1/4",
-                        "personal.finetune_steps": 3, **PERSONAL},
+                        "method.finetune_steps": 3, **PERSONAL},
     "fdlora": {"method.name": "fdlora", "method.d_up": 1, **PERSONAL},
     "fdlora_d_up": {"method.name": "fdlora", "method.d_up": "1/4", **PERSONAL},
     "flasc_personal": {"method.name": "flasc_personal", "method.d_up": "1/4", "rounds": 3,

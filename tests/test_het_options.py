@@ -25,6 +25,13 @@ PRUNE = {"het.self_prune": True, "het.prune_lambda": 10.0, "het.prune_gamma": 0.
 LOSS = {"het.rank_allocation": "loss", "het.aggregation": "replication_pad"}
 TIMING = ("wall_s", "eval_s")
 
+def resolved(*args, **kw):
+    """load_config, then what the engine adds: task and method names, method settings."""
+    from fedlora.engine import resolve_config
+
+    return resolve_config(load_config(*args, **kw))
+
+
 
 def _sim(tmp_path, name, tiny_bert_dir, text_file, **extra) -> Simulation:
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, text_file, **{**HET, **extra}))
@@ -303,7 +310,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_bert_dir, text_file, 
 def test_bad_config_names_the_field(sets, field):
     base = {"method.name": "hetlora", "het.tiers": 3, "het.r_base": 2, "model.rank": 4}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, [f"{k}={v}" for k, v in {**base, **sets}.items()])
+        resolved(None, [f"{k}={v}" for k, v in {**base, **sets}.items()])
 
 
 def test_good_config_defaults_off():

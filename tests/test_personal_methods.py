@@ -50,7 +50,7 @@ def test_finetune_global_trains_exactly_like_its_base(tiny_bert_dir, text_file, 
     base = _sim(tiny_bert_dir, text_file, tmp_path / "flasc", **{"method.name": "flasc"})
     base.run()
     ft = _sim(tiny_bert_dir, text_file, tmp_path / "ft", **{"method.name": "finetune_global",
-                                                           "personal.finetune_steps": 3})
+                                                           "method.finetune_steps": 3})
     ft.run()
     assert torch.equal(base.P, ft.P)
     assert read_jsonl(tmp_path / "flasc" / "ledger.jsonl") == \
@@ -191,7 +191,12 @@ def test_resume_with_client_state_equals_an_uninterrupted_run(tiny_bert_dir, tex
 
 def test_config_checks_personal_base(tiny_bert_dir, text_file):
     from fedlora.config import ConfigError
+    from fedlora.engine import resolve_config
 
-    with pytest.raises(ConfigError, match="personal.base"):
-        load_config(None, ["method.name=finetune_global", "personal.base=hetlora"])
+    with pytest.raises(ConfigError, match="method.base"):
+        resolve_config(load_config(None, ["method.name=finetune_global", "method.base=hetlora"]))
+    with pytest.raises(ConfigError, match="method.fusion_l1"):
+        resolve_config(load_config(None, ["method.name=fdlora", "method.fusion_l1=-1"]))
+    cfg = resolve_config(load_config(None, ["method.name=fdlora"]))
+    assert cfg.method.d_up == 1.0  # FDLoRA's global module is dense unless d_up says so
     assert codec  # the payload codec is what the ledger counts (imported for the scan)

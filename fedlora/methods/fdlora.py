@@ -9,12 +9,32 @@ w_p * personal + w_g * global with the weights searched on the client's own exam
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from fedlora.client.personal import fuse, fusion_weights
 from fedlora.comm.topk import topk_mask
+from fedlora.config import check
 from fedlora.methods.base import Client, Server
-from fedlora.methods.flasc import flasc_download_mask
+from fedlora.methods.flasc import FLASCSettings, flasc_download_mask
+
+
+@dataclass
+class FDLoRASettings(FLASCSettings):
+    """FLASC's densities for the global module (dense by default) and the fusion search."""
+
+    d_up: float = 1.0
+    fusion_examples: int = 32  # training examples a client fits its fusion weights on
+    fusion_l1: float = 0.05  # L1 penalty on the fusion weights (LoraHub's default)
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check(self.fusion_examples >= 1, "method.fusion_examples",
+              f"must be >= 1, got {self.fusion_examples}")
+        check(self.fusion_l1 >= 0 and math.isfinite(self.fusion_l1), "method.fusion_l1",
+              f"must be a finite number >= 0, got {self.fusion_l1}")
 
 
 class FDLoRAClient(Client):
@@ -44,11 +64,11 @@ class FDLoRAClient(Client):
 
 class FDLoRA(Server):
     client = FDLoRAClient
+    settings = FDLoRASettings
 
     def options(self, round_: int, client: int) -> dict:
-        p = self.cfg.personal
-        return {"d_up": self.cfg.method.d_up, "fusion_examples": p.fusion_examples,
-                "fusion_l1": p.fusion_l1}
+        m = self.cfg.method
+        return {"d_up": m.d_up, "fusion_examples": m.fusion_examples, "fusion_l1": m.fusion_l1}
 
     def download_mask(self, P: torch.Tensor, round_: int, client: int) -> torch.Tensor | None:
         return flasc_download_mask(P, self.cfg.method.d_down)

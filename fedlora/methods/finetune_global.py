@@ -1,5 +1,5 @@
-"""finetune_global: the global model of `personal.base` (FLASC by default), fine-tuned on each
-client for `personal.finetune_steps` local steps when it is deployed.
+"""finetune_global: the global model of `method.base` (FLASC by default), fine-tuned on each
+client for `method.finetune_steps` local steps when it is deployed.
 
 Training is exactly the base method's (both halves delegate to it, so P, bytes and ledger
 equal a run of the base method); only the deployed model differs. The fine-tuning runs on
@@ -13,8 +13,29 @@ from typing import Any
 
 import torch
 
+from fedlora.config import check
 from fedlora.methods.base import Client, Server
+from fedlora.methods.flasc import FLASCSettings
 from fedlora.protocol import ClientTask
+
+# Base methods whose own settings are FLASC's (d_down, d_up) or none.
+BASES = ("flasc", "lora", "ffa_lora")
+
+
+@dataclass
+class FinetuneGlobalSettings(FLASCSettings):
+    """The base method and its FLASC settings (ignored by lora / ffa_lora), and the
+    fine-tuning budget at deployment."""
+
+    base: str = "flasc"
+    finetune_steps: int = 10
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check(self.base in BASES, "method.base",
+              f"must be one of {', '.join(BASES)}, got {self.base!r}")
+        check(self.finetune_steps >= 0, "method.finetune_steps",
+              f"must be >= 0, got {self.finetune_steps}")
 
 
 def _methods() -> dict:
@@ -64,9 +85,10 @@ class FinetuneGlobal(Server):
     """The base method's server half, plus the fine-tuning budget in the instruction."""
 
     client = FinetuneGlobalClient
+    settings = FinetuneGlobalSettings
 
     def __post_init__(self) -> None:
-        self.base = _methods()[self.cfg.personal.base](self.cfg, self.adapter)
+        self.base = _methods()[self.cfg.method.base](self.cfg, self.adapter)
 
     def setup(self, num_clients: int) -> None:
         self.base.setup(num_clients)
@@ -81,8 +103,9 @@ class FinetuneGlobal(Server):
         self.base.cohort_sampled(round_, cohort)
 
     def options(self, round_: int, client: int) -> dict[str, Any]:
-        return {**self.base.options(round_, client), "base": self.cfg.personal.base,
-                "finetune_steps": self.cfg.personal.finetune_steps}
+        m = self.cfg.method
+        return {**self.base.options(round_, client), "base": m.base,
+                "finetune_steps": m.finetune_steps}
 
     def download_mask(self, P, round_, client):
         return self.base.download_mask(P, round_, client)

@@ -7,10 +7,24 @@ d_down = d_up = 1 this is dense LoRA exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fedlora.comm.topk import topk_mask
-from fedlora.methods.base import Client, Server
+from fedlora.config import check_density
+from fedlora.methods.base import Client, Server, Settings
+
+
+@dataclass
+class FLASCSettings(Settings):
+    d_down: float = 1.0  # download density (TopKMask of |P|)
+    d_up: float = 0.25  # upload density (TopKMask of |delta|)
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check_density(self.d_down, "method.d_down")
+        check_density(self.d_up, "method.d_up")
 
 
 def flasc_download_mask(P: torch.Tensor, d_down: float) -> torch.Tensor | None:
@@ -25,6 +39,7 @@ class FLASCClient(Client):
 
 class FLASC(Server):
     client = FLASCClient
+    settings = FLASCSettings
 
     def options(self, round_: int, client: int) -> dict:
         return {"d_up": self.cfg.method.d_up}

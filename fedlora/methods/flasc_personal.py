@@ -12,7 +12,7 @@ import torch
 
 from fedlora.comm.topk import topk_mask
 from fedlora.methods.base import Client, Server
-from fedlora.methods.flasc import flasc_download_mask
+from fedlora.methods.flasc import FLASCSettings, flasc_download_mask
 
 
 class FLASCPersonalClient(Client):
@@ -44,6 +44,7 @@ class FLASCPersonalClient(Client):
 
 class FLASCPersonal(Server):
     client = FLASCPersonalClient
+    settings = FLASCSettings
 
     def options(self, round_: int, client: int) -> dict:
         return {"d_up": self.cfg.method.d_up}

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlora.methods.base import Client, Server
+from fedlora.config import check, check_density
+from fedlora.methods.base import Client, Server, Settings
 from fedlora.model.flat import Entry, FlatAdapter
 from fedlora.rng import torch_generator
 from fedlora.server.aggregate import weighted_mean
@@ -127,8 +128,25 @@ class FLoRAClient(Client):
 
 
 @dataclass
+class TwoStageSettings(Settings):
+    stage1_rounds: int = 10  # full-rank Stage 1 rounds (paper: 50 of 200)
+    stage1_density: float = 1.0  # Stage 1: 1 = FLoRA, < 1 = SLoRA's fixed random subset of W
+    stage1_lr: float | None = None  # server lr on W in Stage 1 (None: server.lr)
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check(self.stage1_rounds >= 1, "method.stage1_rounds", "must be >= 1")
+        check_density(self.stage1_density, "method.stage1_density")
+        check(self.stage1_lr is None or self.stage1_lr > 0, "method.stage1_lr",
+              "must be > 0 or null")
+        check(not (cfg.dp.enabled and self.stage1_lr is not None), "method.stage1_lr",
+              "steps W outside the DP aggregate; leave it null with dp.enabled")
+
+
+@dataclass
 class FLoRATwoStage(Server):
     client = FLoRAClient
+    settings = TwoStageSettings
     trains_target_weights = True
     w0: torch.Tensor | None = field(default=None, repr=False)  # pretrained W entries of P
     svd: dict = field(default_factory=dict)  # relative truncation errors, set at the switch

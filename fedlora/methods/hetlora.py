@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedlora.config import HetConfig
-from fedlora.methods.base import Client, Server
+from fedlora.config import HetConfig, check, check_density
+from fedlora.methods.base import Client, Server, Settings
 from fedlora.methods.flasc import FLASC
 from fedlora.server.hetero import (
     assign_tiers,
@@ -82,6 +82,28 @@ class Tiers:
 
     def rank(self, client: int) -> int:
         return tier_rank(int(self.tier[client]), self.het.r_base)
+
+
+@dataclass
+class TierSettings(Settings):
+    """Tier methods take their settings from `het.*`; model.rank must be the server rank."""
+
+    def validate(self, cfg, method: str) -> None:
+        if method != "hetlora":  # the extras (self-pruning, loss ranks) are HetLoRA's
+            super().validate(cfg, method)
+        h = cfg.het
+        r_s = h.r_base ** (h.tiers - 1)
+        check(cfg.model.rank == r_s, "model.rank", f"must equal the server rank "
+              f"r_base^(tiers-1) = {r_s} for method {method} (set model.rank={r_s})")
+
+
+@dataclass
+class FLASCTierSettings(TierSettings):
+    d_down: float = 1.0  # download density, as FLASC's
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check_density(self.d_down, "method.d_down")
 
 
 # ---------------------------------------------------------------- client half
@@ -138,6 +160,7 @@ def model_tail_norm(adapter, vector: torch.Tensor, r: int, gamma: float, r_min: 
 
 class HetLoRA(Server):
     client = HetLoRAClient
+    settings = TierSettings
 
     def setup(self, num_clients: int) -> None:
         het = self.cfg.het
@@ -281,6 +304,8 @@ class HighestTierOnly(HetLoRA):
 class FLASCTiers(FLASC):
     """FLASC under budget tiers: full rank r_s for all, upload density r_c / r_s so each
     client's bytes match its HetLoRA tier (paper Sec. 4.4). FLASC plus a tier table."""
+
+    settings = FLASCTierSettings
 
     def setup(self, num_clients: int) -> None:
         self.budget = Tiers(self.cfg.het, self.cfg.seed, num_clients)
