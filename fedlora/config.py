@@ -38,6 +38,9 @@ class TaskConfig:
     formulation: str = "classification"  # classification | text_to_text (label text via LM head)
     image_size: int = 224  # pixels, image tasks
     cache_dir: str | None = None  # de-quantised weights etc.; None = ~/.cache/fedlora
+    # Per-client held-out split, carved from each client's training examples (stratified,
+    # fixed by the seed); 0 = none. Needed by eval.personalized (docs/personalization.md).
+    local_test_fraction: float = 0.0
 
 
 @dataclass
@@ -131,6 +134,18 @@ class DPConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Per-client evaluation on each client's local test split (docs/personalization.md)."""
+
+    personalized: bool = False
+    clients: int = 100  # a seeded sample of clients with a local test split
+    every: int | None = None  # rounds between per-client evaluations; None = eval_every
+    # The local-only reference each client is compared with: this many local SGD steps
+    # (client.* settings) from the initial adapter on the client's own training examples.
+    local_steps: int = 50
+
+
+@dataclass
 class Config:
     seed: int = 0
     rounds: int = 40
@@ -148,6 +163,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     het: HetConfig = field(default_factory=HetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -411,3 +427,20 @@ def validate(cfg: Config) -> None:
                "pld accounts Poisson sampling only; with sampling=fixed use rdp (replace-one)")
     if cfg.comm.max_bytes is not None:
         _check(cfg.comm.max_bytes >= 16, "comm.max_bytes", "must be >= 16")
+    _validate_personal(cfg)
+
+
+def _validate_personal(cfg: Config) -> None:
+    """task.local_test_fraction and eval.*."""
+    f = cfg.task.local_test_fraction
+    _check(0.0 <= f < 1.0 and math.isfinite(f), "task.local_test_fraction",
+           f"must be in [0, 1), got {f}")
+    e = cfg.eval
+    _check(e.clients >= 1, "eval.clients", f"must be >= 1, got {e.clients}")
+    if e.every is not None:
+        _check(e.every >= 1, "eval.every", f"must be >= 1, got {e.every}")
+    _check(e.local_steps >= 1, "eval.local_steps", f"must be >= 1, got {e.local_steps}")
+    if e.personalized:
+        _check(f > 0, "eval.personalized",
+               "needs each client's local test split: set task.local_test_fraction > 0 "
+               "(e.g. 0.2)")

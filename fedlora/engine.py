@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlora import rundir
+from fedlora.client.personal import ClientContext
 from fedlora.client.store import ClientStore
 from fedlora.client.train import train_client
 from fedlora.comm import codec
@@ -31,7 +32,9 @@ from fedlora.comm.ledger import Ledger
 from fedlora.config import Config, check, config_from_dict
 from fedlora.data.federated import client_batches
 from fedlora.methods import METHODS, build_method, resolve_settings
+from fedlora.methods.base import Client
 from fedlora.model.flat import FlatAdapter
+from fedlora.personal.evaluate import PersonalEval
 from fedlora.privacy import EpsilonReport, epsilon, privatize, validate_privacy_config
 from fedlora.protocol import ClientResult, ClientTask
 from fedlora.rng import np_rng, torch_generator, torch_seed
@@ -84,7 +87,12 @@ class ClientRunner:
         """The client half, its start vector (loaded into the model) and its batches."""
         half = METHODS[ct.method].client(ct, self.adapter, self.init,
                                          self.store.load(ct.client))
-        received, positions = self.decode_download(ct, half.down_mask())
+        half.local = ClientContext(self.task, self.adapter, ct.client, ct.seed, ct.train,
+                                   self.init, ct.round)
+        if half.communicates:
+            received, positions = self.decode_download(ct, half.down_mask())
+        else:  # nothing was sent (local_only): the half starts from its own state
+            received, positions = self.init.clone(), None
         start = half.start(received, positions)
         self.adapter.load_(start)
         torch.manual_seed(torch_seed(ct.seed, "dropout", ct.round, ct.client))
@@ -108,7 +116,9 @@ class ClientRunner:
         half.done(start, self.adapter.vector, stats)
         delta = start - self.adapter.vector
         mask = half.upload_mask(delta)
-        if half.up_implicit and mask is not None:
+        if not half.communicates:
+            upload = b""
+        elif half.up_implicit and mask is not None:
             upload = codec.encode(delta[mask], None, values=ct.up_values)
         else:
             upload = codec.encode(delta, mask, values=ct.up_values)
@@ -206,7 +216,8 @@ class RoundServer:
     def instruction(self, t: int, c: int) -> ClientTask:
         cfg, m = self.cfg, self.method
         values = cfg.comm.down_values or cfg.comm.values
-        down = self._download(m.download_mask(self.P, t, c), values, m.down_implicit(c))
+        down = (self._download(m.download_mask(self.P, t, c), values, m.down_implicit(c))
+                if m.communicates else b"")
         cl = cfg.client
         return ClientTask(
             round=t, client=c, seed=cfg.seed, method=cfg.method.name, n=self.n,
@@ -223,6 +234,9 @@ class RoundServer:
         for ct, res in zip(tasks, results):
             decoded = self.receive(ct, res)
             if decoded is None:
+                if not self.method.communicates and not isinstance(res, str):
+                    losses.append(res.stats["train_loss"])  # trained; nothing to aggregate
+                    continue
                 dropped.append(ct.client)
                 continue
             done.append(ct.client)
@@ -249,6 +263,7 @@ class RoundServer:
             if cfg.dp.enabled:
                 report = self.privacy(t)
                 row.update(epsilon=report.epsilon, delta=report.delta)
+        row.update(self.client_eval(t))
         self.round = t
         rundir.append_jsonl(self.out / "ledger.jsonl", self.ledger.rows)
         rundir.append_jsonl(self.out / "metrics.jsonl", [row])
@@ -256,6 +271,11 @@ class RoundServer:
         if t % every == 0 or t == cfg.rounds:
             self.checkpoint()
         return row
+
+    def client_eval(self, t: int) -> dict:
+        """Per-client evaluation rows for round t (pers/*); the server half alone holds no
+        client's data or state, so only a driver that does (Simulation) fills this in."""
+        return {}
 
     def receive(self, ct: ClientTask, res: ClientResult | str) -> torch.Tensor | None:
         """Count a reply's bytes and decode its upload; None drops the client (logged)."""
@@ -266,6 +286,11 @@ class RoundServer:
             return None
         up = res.upload if self.tamper is None else self.tamper(t, c, res.upload)
         self.ledger.record(t, c, upload=len(up), download=ct.nbytes)
+        if not m.communicates:  # local_only: no upload to decode (0 bytes, counted above)
+            if up:
+                log.warning("round %d: client %d sent %d bytes to a method that takes none; "
+                            "ignored", t, c, len(up))
+            return None
         reason = m.receive(t, c, res.stats)
         if reason is None:
             try:
@@ -430,8 +455,13 @@ class Simulation(RoundServer):
                  progress: bool = True, task=None):
         super().__init__(cfg, out, resume=resume, progress=progress, task=task)
         self.runner = ClientRunner(self.task, ClientStore(self.out / "clients"))
+        self.personal = (PersonalEval(cfg, self.task, self.adapter, self.out,
+                                      self.task.initial_vector, self.device)
+                         if cfg.eval.personalized else None)
         if resume:
             self.runner.store.rollback(self.round)
+            if self.personal is not None:
+                self.personal.truncate(self.round)
 
     @classmethod
     def resume(cls, out: str | Path, rounds: int | None = None, **kw) -> Simulation:
@@ -471,6 +501,26 @@ class Simulation(RoundServer):
     def checkpoint(self) -> None:
         super().checkpoint()
         self.runner.store.commit(self.round)
+
+    def client_eval(self, t: int) -> dict:
+        """`eval.personalized`: each sampled client's global and deployed model on its local
+        test split. The deployed model is the method's client half's `deploy`, from P and
+        the client's held state, run on the client's side of this process."""
+        if self.personal is None or not self.personal.due(t):
+            return {}
+        half = METHODS[self.cfg.method.name].client
+        if half.deploy.__func__ is Client.deploy.__func__:  # deploys the global model
+            return self.personal.evaluate(t, self.P)
+        cl = self.cfg.client
+        train = {"lr": cl.lr, "momentum": cl.momentum, "batch_size": cl.batch_size,
+                 "epochs": cl.epochs, "max_steps": cl.max_steps}
+
+        def deployed(c: int, P: torch.Tensor) -> torch.Tensor:
+            ctx = ClientContext(self.task, self.adapter, c, self.cfg.seed, train,
+                                self.runner.init, t)
+            return half.deploy(P, self.runner.store.load(c), self.method.options(t, c), ctx)
+
+        return self.personal.evaluate(t, self.P, deployed)
 
 
 def run(cfg: Config, out: str | Path, **kw) -> dict:

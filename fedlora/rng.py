@@ -24,6 +24,10 @@ STREAMS = {
     "subsample": 10,
     "slora_mask": 11,
     "lora_reinit": 12,
+    "local_test": 13,  # each client's held-out local test split
+    "eval_clients": 14,  # the clients sampled for per-client evaluation
+    "personal": 15,  # evaluation-time local training (local-only reference, fine-tuning)
+    "fusion": 16,  # FDLoRA: the examples a client fits its fusion weights on
 }
 
 

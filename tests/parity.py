@@ -5,6 +5,10 @@ compares with `tests/fixtures/parity.json`; regenerate it (only when a change is
 results, and then rerun BENCHMARKS.md) with
 
     HF_HUB_OFFLINE=1 .venv/bin/python tests/parity.py --write
+
+A new method adds its cases to CASES and records only those (existing entries untouched) with
+
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/parity.py --add-new
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ TIMING = ("wall_s", "eval_s")
 
 HET = {"het.tiers": 3, "het.r_base": 2, "model.rank": 4}
 DP = {"dp.enabled": True, "dp.clip": 0.5, "dp.noise_multiplier": 0.3}
+PERSONAL = {"task.local_test_fraction": 0.25, "eval.personalized": True, "eval.clients": 3,
+            "eval.local_steps": 2}
 
 CASES: dict[str, dict] = {
     "flasc": {"method.name": "flasc", "method.d_up": "1/4"},
@@ -59,6 +65,14 @@ CASES: dict[str, dict] = {
     "lora_dp_poisson": {"method.name": "lora", **DP, "sampling": "poisson"},
     "hetlora_dp": {"method.name": "hetlora", **HET, **DP},
     "ffa_lora_dp": {"method.name": "ffa_lora", **DP},
+    # personalization (issue 17), with per-client evaluation on 3 clients
+    "local_only": {"method.name": "local_only", **PERSONAL},
+    "finetune_global": {"method.name": "finetune_global", "method.d_up": "1/4",
+                        "method.finetune_steps": 3, **PERSONAL},
+    "fdlora": {"method.name": "fdlora", "method.d_up": 1, **PERSONAL},
+    "fdlora_d_up": {"method.name": "fdlora", "method.d_up": "1/4", **PERSONAL},
+    "flasc_personal": {"method.name": "flasc_personal", "method.d_up": "1/4", "rounds": 3,
+                       **PERSONAL},
 }
 
 
@@ -105,7 +119,33 @@ def main() -> None:
                        + "\n")
 
 
+def add_new_cases() -> None:
+    """Record only the cases the fixture lacks (a new method); recorded ones never change."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_text_file, make_tiny_bert
+
+    torch.set_num_threads(1)
+    fixture = json.loads(FIXTURE.read_text())
+    if fixture["environment"] != environment():
+        sys.exit(f"fixture recorded on {fixture['environment']}, here {environment()}")
+    new = [name for name in CASES if name not in fixture["cases"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = make_tiny_bert(tmp / "tiny-bert")
+        data = make_text_file(tmp / "data.jsonl")
+        for name in new:
+            fixture["cases"][name] = run_case(name, model_dir, data, tmp / name)
+            print(name, fixture["cases"][name]["sha256"][:16], flush=True)
+    FIXTURE.write_text(json.dumps(fixture, indent=1) + "\n")
+
+
 if __name__ == "__main__":
-    if "--write" not in sys.argv:
-        sys.exit("usage: tests/parity.py --write   (regenerates tests/fixtures/parity.json)")
-    main()
+    if "--add-new" in sys.argv:
+        add_new_cases()
+    elif "--write" in sys.argv:
+        main()
+    else:
+        sys.exit("usage: tests/parity.py --write (regenerates tests/fixtures/parity.json) | "
+                 "--add-new (records only cases the fixture lacks)")

@@ -28,6 +28,8 @@ class FederatedData:
     client_names: list[str]
     label_names: list[str]
     empty_clients: list[int] = field(default_factory=list)
+    # Per-client held-out indices into `train` (task.local_test_fraction); empty when off.
+    local_test: list[np.ndarray] = field(default_factory=list)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -37,6 +39,12 @@ class FederatedData:
     def eligible(self) -> np.ndarray:
         """Clients that can be sampled (non-empty)."""
         return np.flatnonzero(self.sizes > 0)
+
+
+def subset(split: Split, idx: np.ndarray) -> Split:
+    """The rows `idx` of a split, e.g. one client's local test examples."""
+    rows = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    return Split({k: v[rows] for k, v in split.inputs.items()}, split.labels[rows])
 
 
 def client_batches(indices: np.ndarray, batch_size: int, epochs: int, max_steps: int | None,

@@ -68,3 +68,38 @@ def iid_mix(parts: list[np.ndarray], mix: float, rng: np.random.Generator) -> li
     pooled = pooled[rng.permutation(len(pooled))]
     shares = np.array_split(pooled, len(parts))
     return [np.sort(np.concatenate([k, s])) for k, s in zip(kept, shares)]
+
+
+def hold_out(parts: list[np.ndarray], labels: np.ndarray | None, fraction: float,
+             rng_for) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Carve a local test split out of each client's indices: (train parts, test parts).
+
+    Client k holds out round(fraction * n_k) of its n_k examples, capped so that it keeps at
+    least one training example (a client of one example holds out nothing). With labels the
+    hold-out is stratified within the client (classes in proportion, largest remainder);
+    `rng_for(k)` gives client k's own generator, so one client's split never depends on
+    another's size.
+    """
+    train, test = [], []
+    for k, idx in enumerate(parts):
+        idx = np.asarray(idx, dtype=np.int64)
+        n = len(idx)
+        size = min(int(round(fraction * n)), max(n - 1, 0))
+        if size <= 0:
+            train.append(idx)
+            test.append(np.zeros(0, np.int64))
+            continue
+        rng = rng_for(k)
+        chosen = np.zeros(n, dtype=bool)
+        if labels is None:
+            chosen[rng.permutation(n)[:size]] = True
+        else:
+            own = np.asarray(labels)[idx]
+            classes, counts = np.unique(own, return_counts=True)
+            quota = _largest_remainder(counts / n, size)
+            for c, q in zip(classes, quota):
+                where = np.flatnonzero(own == c)
+                chosen[where[rng.permutation(len(where))[:q]]] = True
+        train.append(idx[~chosen])
+        test.append(idx[chosen])
+    return train, test

@@ -9,11 +9,15 @@ from fedlora.config import Config, build_section, check
 from fedlora.methods.adapter_lth import AdapterLTH
 from fedlora.methods.backbone import SPDST, FederatedSelectBackbone, FedSparsify, FullFinetune
 from fedlora.methods.base import Client, Server
+from fedlora.methods.fdlora import FDLoRA
 from fedlora.methods.federated_select import FederatedSelect
 from fedlora.methods.ffa_lora import FFALoRA
+from fedlora.methods.finetune_global import FinetuneGlobal
 from fedlora.methods.flasc import FLASC, FLASCTiers
+from fedlora.methods.flasc_personal import FLASCPersonal
 from fedlora.methods.flora import FLoRATwoStage
 from fedlora.methods.hetlora import AllLowestTier, HetLoRA, HighestTierOnly
+from fedlora.methods.local_only import LocalOnly
 from fedlora.methods.lora import LoRA
 from fedlora.methods.sparse_adapter import SparseAdapter
 from fedlora.methods.stacking import FLoRAStacking
@@ -35,6 +39,11 @@ METHODS: dict[str, type[Server]] = {
     "highest_tier_only": HighestTierOnly,
     "flora_two_stage": FLoRATwoStage,
     "flora_stacking": FLoRAStacking,
+    # personalization (docs/personalization.md): client-held state, per-client deployment
+    "local_only": LocalOnly,
+    "finetune_global": FinetuneGlobal,
+    "fdlora": FDLoRA,
+    "flasc_personal": FLASCPersonal,
 }
 
 __all__ = ["METHODS", "Client", "Server", "build_method", "resolve_settings", "trainable"]

@@ -79,9 +79,22 @@ class Client:
         return None
 
     up_implicit: ClassVar[bool] = False  # the server knows the upload mask: values only
+    # False: nothing is downloaded or uploaded (local_only); the runner skips both payloads.
+    communicates: ClassVar[bool] = True
+    # The client's own data and model (fedlora.client.personal.ClientContext), set by the
+    # runner before `start`: what a half that trains client-held state uses.
+    local: Any = None
 
     def save_state(self) -> dict[str, torch.Tensor] | None:
         return None
+
+    @classmethod
+    def deploy(cls, P: torch.Tensor, state: dict[str, torch.Tensor], options: dict[str, Any],
+               ctx: Any) -> torch.Tensor:
+        """The model this method deploys on the client: from the global vector P, the
+        client's held `state`, the server's `options` for it and its own data (`ctx`, a
+        ClientContext). Default: the global model itself (docs/personalization.md)."""
+        return P
 
 
 @dataclass
@@ -92,6 +105,7 @@ class Server:
     adapter: FlatAdapter
     client: ClassVar[type[Client]] = Client
     settings: ClassVar[type[Settings]] = Settings
+    communicates: ClassVar[bool] = True  # False: no payload either way (local_only)
     # True: the task builds the model without LoRA and trains every backbone weight
     # (sparse-backbone baselines). True: the adapted weights W join the flat vector too.
     trains_backbone: ClassVar[bool] = False

@@ -10,6 +10,7 @@ from typing import Any
 from fedlora.report.plots import (
     human_bytes,
     plot_bytes_to_target,
+    plot_client_histograms,
     plot_pareto,
     plot_tuning,
     plot_utility_vs_upload,
@@ -22,6 +23,7 @@ from fedlora.report.runs import (
     load_run,
     load_runs,
     read_metrics,
+    read_per_client,
 )
 from fedlora.report.table import auto_target, bytes_to_target, summary_table, to_markdown
 
@@ -35,10 +37,12 @@ __all__ = [
     "load_run",
     "load_runs",
     "plot_bytes_to_target",
+    "plot_client_histograms",
     "plot_pareto",
     "plot_tuning",
     "plot_utility_vs_upload",
     "read_metrics",
+    "read_per_client",
     "report",
     "summary_table",
     "to_markdown",
@@ -87,6 +91,8 @@ def report(
                     bytes_to=search_target)
         figures["tuning.png"] = "Tuning cost: best utility vs. cumulative tuning upload (Fig. 7)"
 
+    if plot_client_histograms(groups, out / "per_client.png") is not None:
+        figures["per_client.png"] = "Per-client utility on each client's local test split"
     table = summary_table(groups, metric, target, higher)
     md = _markdown(groups, metric, higher, target, auto, table, figures)
     path = out / "report.md"

@@ -35,6 +35,7 @@ from fedlora.report.runs import (
     fmt_density,
     group_by_seed,
     metric_direction,
+    read_per_client,
 )
 from fedlora.report.table import bytes_to_target
 
@@ -519,4 +520,52 @@ def plot_bytes_to_target(
             loc="left",
         )
         ax.legend(loc="best")
+        return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------- per client
+
+
+def plot_client_histograms(
+    runs: Sequence[Run] | Sequence[SeedGroup],
+    out: str | Path,
+    *,
+    bins: int = 20,
+) -> Path | None:
+    """Histograms of per-client utility at each run's last per-client evaluation, one panel
+    per seed group (clients pooled over seeds): the deployed model filled, the global model
+    and the local-only reference as outlines. None when no run evaluated per client."""
+    groups = _groups(runs)
+    panels = []
+    for g in groups:
+        rows = [r for r in (read_per_client(run.path) for run in g.runs) if r]
+        if rows:
+            panels.append((g, rows))
+    if not panels:
+        return None
+    metric = panels[0][1][0].get("metric", "accuracy")
+    values = [v for _, rows in panels for r in rows for k in ("global", "deployed", "local")
+              for v in r[k]]
+    lo, hi = (0.0, 1.0) if metric == "accuracy" else (min(values), max(values))
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, (g, rows) in zip(axes, panels):
+            pooled = {k: [v for r in rows for v in r[k]] for k in ("global", "deployed", "local")}
+            ax.hist(pooled["deployed"], bins=edges, color="C0", alpha=0.6, label="deployed")
+            ax.hist(pooled["global"], bins=edges, histtype="step", color="C1", lw=1.6,
+                    label="global")
+            ax.hist(pooled["local"], bins=edges, histtype="step", color="C2", lw=1.2, ls="--",
+                    label="local-only")
+            n = len(pooled["deployed"])
+            ax.set_title(f"{g.label}\n{n} clients, {len(rows)} seed(s), round {rows[0]['round']}",
+                         loc="left", fontsize=9)
+            ax.set_xlabel(f"per-client {METRIC_NAMES.get(metric, metric)}")
+            ax.set_ylabel("clients")
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        axes[0].legend(loc="best", fontsize=8)
         return _save(fig, out)

@@ -155,6 +155,22 @@ class SeedGroup:
 # ---------------------------------------------------------------------------- loading
 
 
+def read_per_client(path: str | Path) -> dict[str, Any] | None:
+    """The last per-client evaluation of a run (personal.jsonl, `eval.personalized`): its
+    round, metric, clients and per-client values of the global, deployed and local-only
+    models; None when the run did not evaluate per client."""
+    f = Path(path) / "personal.jsonl"
+    if not f.exists():
+        return None
+    last = None
+    for line in f.read_text().splitlines():
+        try:
+            last = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a trailing partial line (a crash mid-write)
+    return last
+
+
 def load_run(path: str | Path) -> Run:
     """Load one run directory; raises FileNotFoundError if it has no metrics and no summary."""
     path = Path(path)

@@ -31,4 +31,8 @@ def build_task(cfg):
             raise ValueError(f"task.name: '{cfg.task.name}' is not available in this build"
                              ) from None
         raise
-    return getattr(mod, fn)(cfg)
+    task = getattr(mod, fn)(cfg)
+    from fedlora.tasks.base import hold_out_local_test
+
+    hold_out_local_test(cfg, task.data)
+    return task

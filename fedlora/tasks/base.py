@@ -118,6 +118,21 @@ def partition_clients(cfg, labels: np.ndarray, clients: list | None,
     return parts, [str(i) for i in range(len(parts))]
 
 
+def hold_out_local_test(cfg: Config, data: FederatedData) -> FederatedData:
+    """Carve `task.local_test_fraction` of each client's training examples into its local
+    test split (`data.local_test`), stratified by label for single-label tasks, each client
+    from its own seeded stream. A fraction of 0 (the default) leaves `data` untouched."""
+    fraction = cfg.task.local_test_fraction
+    if fraction <= 0:
+        return data
+    labels = data.train.labels
+    strat = labels.cpu().numpy() if labels.dim() == 1 and len(labels) == len(data.train) else None
+    train, test = partition.hold_out(data.clients, strat, fraction,
+                                     lambda k: np_rng(cfg.seed, "local_test", k))
+    data.clients, data.local_test = train, test
+    return data
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

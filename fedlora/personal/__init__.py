@@ -1,0 +1,1 @@
+"""Per-client evaluation: each client's local test split, summaries across clients."""
