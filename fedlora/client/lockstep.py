@@ -101,7 +101,7 @@ def train_lockstep(task, adapter: FlatAdapter, jobs: Sequence[LockstepJob], *, l
         raise ValueError(f"client.lockstep: cannot train in lockstep: {reason}")
     batches = [list(j.batches) for j in jobs]
     order = sorted(range(len(jobs)), key=lambda i: -len(batches[i]))  # stable: ties keep order
-    k, n = len(jobs), adapter.n
+    k = len(jobs)
     dtype = adapter.vector.dtype
     V = torch.stack([jobs[i].start.to(device=device, dtype=dtype) for i in order])
     G = torch.zeros_like(V)
