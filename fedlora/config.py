@@ -68,7 +68,7 @@ class ClientConfig:
     max_steps: int | None = None  # cap on local steps per round
     # Clients trained together through one forward/backward (fedlora/client/lockstep.py):
     # K >= 1 (1 = one after another), or "auto" (see `lockstep_chunk`).
-    lockstep: int | str = 1
+    lockstep: int | str = "auto"
 
 
 @dataclass

@@ -24,6 +24,7 @@ STREAMS = {
     "subsample": 10,
     "slora_mask": 11,
     "lora_reinit": 12,
+    "lockstep_dropout": 13,
 }
 
 

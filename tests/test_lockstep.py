@@ -47,6 +47,8 @@ def setup(tmp_path_factory):
     cfg = load_config(None, tiny_overrides(model_dir, data))
     task = build_task(cfg)
     adapter = FlatAdapter(task.model)
+    # Reused by the engine tests (one resident model for many runs, as the engine allows).
+    task.adapter, task.initial_vector = adapter, adapter.vector.detach().clone()
     return cfg, task, adapter
 
 
@@ -167,3 +169,98 @@ def test_dropout_is_reproducible_from_the_seed(tiny_bert_dir, tmp_path):
                                    device=torch.device("cpu")))
     assert all(torch.equal(a.vector, b.vector) for a, b in zip(runs[0], runs[1]))
     assert not all(torch.equal(a.vector, b.vector) for a, b in zip(runs[0], runs[2]))
+
+
+# ---------------------------------------------------------------- the engine (run_many)
+
+LORA_FAMILY = ["flasc", "flasc_down", "flasc_int8", "lora", "adapter_lth", "sparse_adapter",
+               "federated_select", "ffa_lora", "hetlora_zero_pad", "hetlora_self_prune",
+               "hetlora_loss_ranks", "flasc_tiers", "all_lowest_tier", "highest_tier_only",
+               "flasc_dp", pytest.param("hetlora_dp", marks=pytest.mark.slow)]
+FALLBACK = ["flora_two_stage", "full_finetune"]
+
+
+@pytest.fixture(scope="module")
+def engine_setup(setup):
+    cfg, task, _ = setup
+    return cfg.model.name, cfg.task.path, task
+
+
+def _engine_run(model_dir, data, out, case, lockstep, task=None, **extra):
+    """A 2-round run; returns (ledger rows, trained vector by (round, client), sim)."""
+    from parity import CASES
+
+    from fedlora.engine import Simulation
+    from fedlora.rundir import read_jsonl
+
+    over = {**CASES[case], "clients_per_round": 4, "client.max_steps": "null",
+            "client.lockstep": lockstep, "rounds": 2, **extra}
+    sim = Simulation(load_config(None, tiny_overrides(model_dir, data, **over)), out,
+                     progress=False, task=task)
+    trained = {}
+    finish = sim.runner.finish
+
+    def spy(ct, half, start, stats):
+        trained[(ct.round, ct.client)] = sim.runner.adapter.vector.clone()
+        return finish(ct, half, start, stats)
+
+    sim.runner.finish = spy
+    sim.run()
+    return read_jsonl(out / "ledger.jsonl"), trained, sim
+
+
+@pytest.mark.parametrize("case", LORA_FAMILY)
+def test_engine_lockstep_matches_sequential(engine_setup, tmp_path, case, caplog):
+    """Same upload/download bytes and, with dropout 0, the same trained vectors (1e-5)."""
+    model_dir, data, task = engine_setup
+    seq_ledger, seq, _ = _engine_run(model_dir, data, tmp_path / "seq", case, 1, task)
+    with caplog.at_level("INFO", logger="fedlora"):
+        lock_ledger, lock, sim = _engine_run(model_dir, data, tmp_path / "lock", case, 4, task)
+    assert "one after another" not in caplog.text, f"{case} fell back to sequential"
+    assert lock_ledger == seq_ledger
+    assert seq.keys() == lock.keys()
+    steps = {len(list(sim.task.data.clients[c])) for _, c in seq}
+    assert len(steps) > 1, "want clients with unequal step counts"
+    for key, vec in seq.items():
+        err = float((lock[key] - vec).norm() / vec.norm())
+        assert err < 1e-5, f"{case} round {key[0]} client {key[1]}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", FALLBACK)
+def test_engine_falls_back_and_says_so_once(engine_setup, tmp_path, case, caplog):
+    model_dir, data, _ = engine_setup  # these methods build another model: no task reuse
+    seq_ledger, seq, _ = _engine_run(model_dir, data, tmp_path / "seq", case, 1)
+    with caplog.at_level("INFO", logger="fedlora"):
+        lock_ledger, lock, _ = _engine_run(model_dir, data, tmp_path / "lock", case, 4)
+    said = [r for r in caplog.records if "one after another" in r.getMessage()]
+    assert len(said) == 1, said
+    assert lock_ledger == seq_ledger
+    assert all(torch.equal(lock[k], v) for k, v in seq.items())  # it *is* sequential
+
+
+def test_engine_lockstep_resume_is_exact(tiny_bert_dir, tmp_path):
+    """With dropout on (the tiny BERT of conftest), a resumed lockstep run equals an
+    uninterrupted one bit for bit: the chunk's dropout stream depends only on the round."""
+    from fedlora.engine import Simulation
+
+    data = make_text_file(tmp_path / "d.jsonl")
+    _, _, whole = _engine_run(tiny_bert_dir, data, tmp_path / "whole", "flasc", 4)
+    _, _, part = _engine_run(tiny_bert_dir, data, tmp_path / "part", "flasc", 4, rounds=1)
+    resumed = Simulation.resume(tmp_path / "part", rounds=2, progress=False)
+    resumed.run()
+    assert torch.equal(resumed.P, whole.P)
+    _, _, seq = _engine_run(tiny_bert_dir, data, tmp_path / "seq", "flasc", 1)
+    assert not torch.equal(seq.P, whole.P), "dropout on: lockstep draws its own masks"
+
+
+def test_lockstep_chunk_setting():
+    from fedlora.client.lockstep import lockstep_chunk
+    from fedlora.config import ConfigError
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert lockstep_chunk("auto", 10, cpu) == 1 and lockstep_chunk("auto", 10, gpu) == 10
+    assert lockstep_chunk(4, 10, cpu) == 4 and lockstep_chunk(16, 10, cpu) == 10
+    assert load_config(None, ["client.lockstep=4"]).client.lockstep == 4
+    for bad in ("0", "x", "2.5", "true"):
+        with pytest.raises(ConfigError, match="client.lockstep"):
+            load_config(None, [f"client.lockstep={bad}"])

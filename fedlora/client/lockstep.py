@@ -68,6 +68,19 @@ class LockstepResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def lockstep_chunk(setting: int | str, cohort: int, device: torch.device) -> int:
+    """Clients per lockstep chunk for `client.lockstep` (K, or "auto") and a cohort size.
+
+    "auto" trains one client at a time on CPU: measured on MiniLM (BENCHMARKS.md, "Lockstep
+    training"), a CPU step is compute-bound already at batch 16, so lockstep saves no time
+    there and sequential keeps each client's own dropout stream. On an accelerator, "auto"
+    takes the whole cohort as one chunk, where one large launch replaces K small ones (not
+    measured here: no GPU was lent)."""
+    if setting == "auto":
+        return 1 if device.type == "cpu" else max(1, cohort)
+    return max(1, min(int(setting), cohort))
+
+
 def lockstep_blocker(task, adapter: FlatAdapter, penalties: Sequence[object] = ()) -> str | None:
     """Why these clients cannot train in lockstep, or None when they can.
 

@@ -27,7 +27,6 @@ Two optional extras (hetlora only, off by default; docs/heterogeneity.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 from fedlora.config import HetConfig
 from fedlora.methods.base import Client, Server
 from fedlora.methods.flasc import FLASC
+from fedlora.model.flat import ParamPenalty
 from fedlora.server.hetero import (
     assign_tiers,
     loss_based_ranks,
@@ -102,15 +102,17 @@ class HetLoRAClient(Client):
     def train_mask(self) -> torch.Tensor:
         return self.mask
 
-    def penalty(self) -> Callable[[], torch.Tensor] | None:
-        """self_prune: lambda * sum over layers of the tail norm of the client's rank."""
+    def penalty(self) -> ParamPenalty | None:
+        """self_prune: lambda * sum over layers of the tail norm of the client's rank; over
+        named parameters, so lockstep training can apply it to each client's own copy."""
         o = self.options
         lam, gamma, r_min, r = (float(o.get("prune_lambda", 0)), float(o.get("prune_gamma", 1)),
                                 int(o.get("r_min", 1)), self.rank)
         if not o.get("self_prune") or lam == 0 or pruned_rank(r, gamma, r_min) == r:
             return None
-        pairs = _param_pairs(self.adapter)
-        return lambda: sum(tail_penalty(A, B, r, lam, gamma, r_min) for A, B in pairs)
+        pairs = _name_pairs(self.adapter)
+        return ParamPenalty(lambda p: sum(tail_penalty(p[a], p[b], r, lam, gamma, r_min)
+                                          for a, b in pairs), self.adapter)
 
     def done(self, start, trained, stats) -> None:
         """Self-prune: keep r' components if the tail norm shrank during the round."""
@@ -246,11 +248,10 @@ class HetLoRA(Server):
                                       dtype=np.float64)
 
 
-def _param_pairs(adapter) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) model parameters of every LoRA layer: a penalty on them reaches adapter.grad."""
-    params = {e.name: p for e, p in zip(adapter.layout, adapter.params)}
-    return [(p, params[name.replace("lora_A", "lora_B")])
-            for name, p in params.items() if "lora_A" in name]
+def _name_pairs(adapter) -> list[tuple[str, str]]:
+    """(A, B) parameter names of every LoRA layer, in layout order."""
+    return [(e.name, e.name.replace("lora_A", "lora_B"))
+            for e in adapter.layout if "lora_A" in e.name]
 
 
 def _product_norm(adapter, vector: torch.Tensor, scaling: float) -> float:
