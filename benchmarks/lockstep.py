@@ -154,13 +154,16 @@ def main() -> None:
                 print(f"threads {threads} repeat {rep} {name}: {dt:.2f}s wall, {dc:.2f}s cpu",
                       flush=True)
         for name, ts in times.items():
+            if not ts:  # --repeats 0: only --check
+                continue
             ratio = statistics.median(s / q for s, q in zip(times["seq"], ts))
             cratio = statistics.median(s / q for s, q in zip(cpu["seq"], cpu[name]))
             rows.append((threads, name, min(ts), statistics.median(ts), ratio,
                          statistics.median(cpu[name]), cratio))
-    print("\n| threads | variant | best wall s/round | median wall s/round | wall speed-up vs seq"
-          " | median CPU s/round | CPU speed-up vs seq |")
-    print("|---|---|---|---|---|---|---|")
+    if rows:
+        print("\n| threads | variant | best wall s/round | median wall s/round "
+              "| wall speed-up vs seq | median CPU s/round | CPU speed-up vs seq |")
+        print("|---|---|---|---|---|---|---|")
     for threads, name, best, med, ratio, c, cratio in rows:
         print(f"| {threads} | {name} | {best:.2f} | {med:.2f} | {ratio:.2f}x | {c:.2f} | "
               f"{cratio:.2f}x |")
