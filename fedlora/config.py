@@ -79,6 +79,9 @@ class ClientConfig:
     batch_size: int = 16
     epochs: int = 1
     max_steps: int | None = None  # cap on local steps per round
+    # Clients trained together through one forward/backward (fedlora/client/lockstep.py):
+    # K >= 1 (1 = one after another), or "auto" (see `lockstep_chunk`).
+    lockstep: int | str = "auto"
 
 
 @dataclass
@@ -375,6 +378,9 @@ def validate(cfg: Config) -> None:
     _check(c.epochs >= 1, "client.epochs", "must be >= 1")
     if c.max_steps is not None:
         _check(c.max_steps >= 1, "client.max_steps", "must be >= 1")
+    _check(c.lockstep == "auto" or (isinstance(c.lockstep, int) and not isinstance(
+        c.lockstep, bool) and c.lockstep >= 1), "client.lockstep",
+        f"must be an integer >= 1 or 'auto', got {c.lockstep!r}")
     s = cfg.server
     _check(s.optimizer in OPTIMIZERS, "server.optimizer",
            f"unknown optimizer {s.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")

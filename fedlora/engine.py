@@ -24,6 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlora import rundir
+from fedlora.client.lockstep import (
+    LockstepJob,
+    lockstep_blocker,
+    lockstep_chunk,
+    train_lockstep,
+)
 from fedlora.client.personal import ClientContext
 from fedlora.client.store import ClientStore
 from fedlora.client.train import train_client
@@ -62,8 +68,10 @@ class ClientRunner:
     trains, and encodes the upload. It sees no server state: what it uses is the
     ClientTask, the client's data, the model's seeded init and the client's held state."""
 
-    def __init__(self, task, store: ClientStore | None = None):
+    def __init__(self, task, store: ClientStore | None = None, *, lockstep: int | str = 1):
         self.task = task
+        self.lockstep = lockstep  # client.lockstep: K clients per forward/backward, or "auto"
+        self._fallback_logged = False
         self.adapter = FlatAdapter(task.model) if getattr(task, "adapter", None) is None \
             else task.adapter
         task.adapter = self.adapter
@@ -75,13 +83,62 @@ class ClientRunner:
         self._decoded: tuple | None = None  # (payload, mask, received, positions)
 
     def run_many(self, tasks: list[ClientTask]) -> list[ClientResult | str]:
-        """Each client's reply, or a string saying why it has none (sequential)."""
-        return [self.run(ct) for ct in tasks]
+        """Each client's reply, or a string saying why it has none.
+
+        With `lockstep` K > 1, consecutive clients with the same local-training settings
+        train in chunks of K through one forward/backward (fedlora/client/lockstep.py);
+        where that cannot run (the method or task), one after another, said once in the
+        log. The replies are the same either way up to float rounding, except that dropout
+        draws from one stream per chunk instead of one per client."""
+        k = lockstep_chunk(self.lockstep, len(tasks), self.device)
+        if k <= 1 or not self._lockstep_possible():
+            return [self.run(ct) for ct in tasks]
+        out: list[ClientResult | str] = []
+        chunk: list[ClientTask] = []
+        for ct in tasks:
+            if chunk and (len(chunk) == k or ct.train != chunk[0].train):
+                out += self._run_chunk(chunk)
+                chunk = []
+            chunk.append(ct)
+        return out + (self._run_chunk(chunk) if chunk else [])
 
     def run(self, ct: ClientTask) -> ClientResult:
         half, start, batches = self.prepare(ct)
         stats = self.train(batches, half.train_mask(), half.penalty())
         return self.finish(ct, half, start, stats)
+
+    def _lockstep_possible(self, penalties=()) -> bool:
+        reason = lockstep_blocker(self.task, self.adapter, penalties)
+        if reason is not None and not self._fallback_logged:
+            log.info("client.lockstep=%s: training clients one after another: %s",
+                     self.lockstep, reason)
+            self._fallback_logged = True
+        return reason is None
+
+    def _run_chunk(self, chunk: list[ClientTask]) -> list[ClientResult]:
+        """Prepare every client of the chunk, train them together, then finish each."""
+        if len(chunk) == 1:
+            return [self.run(chunk[0])]
+        prepared = [(ct, *self.prepare(ct)) for ct in chunk]
+        jobs = [LockstepJob(start, list(batches), half.train_mask(), half.penalty())
+                for _, half, start, batches in prepared]
+        if not self._lockstep_possible([j.penalty for j in jobs]):
+            out = []
+            for (ct, half, start, _), job in zip(prepared, jobs):
+                self.adapter.load_(start)
+                torch.manual_seed(torch_seed(ct.seed, "dropout", ct.round, ct.client))
+                stats = self.train(job.batches, job.grad_mask, job.penalty)
+                out.append(self.finish(ct, half, start, stats))
+            return out
+        first, tr = chunk[0], chunk[0].train
+        torch.manual_seed(torch_seed(first.seed, "lockstep_dropout", first.round, first.client))
+        trained = train_lockstep(self.task, self.adapter, jobs, lr=tr["lr"],
+                                 momentum=tr["momentum"], device=self.device)
+        out = []
+        for (ct, half, start, _), res in zip(prepared, trained):
+            self.adapter.load_(res.vector)  # finish reads the trained vector from the model
+            out.append(self.finish(ct, half, start, res.stats))
+        return out
 
     def prepare(self, ct: ClientTask):
         """The client half, its start vector (loaded into the model) and its batches."""
@@ -454,7 +511,8 @@ class Simulation(RoundServer):
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False,
                  progress: bool = True, task=None):
         super().__init__(cfg, out, resume=resume, progress=progress, task=task)
-        self.runner = ClientRunner(self.task, ClientStore(self.out / "clients"))
+        self.runner = ClientRunner(self.task, ClientStore(self.out / "clients"),
+                                   lockstep=cfg.client.lockstep)
         self.personal = (PersonalEval(cfg, self.task, self.adapter, self.out,
                                       self.task.initial_vector, self.device)
                          if cfg.eval.personalized else None)

@@ -28,6 +28,7 @@ STREAMS = {
     "eval_clients": 14,  # the clients sampled for per-client evaluation
     "personal": 15,  # evaluation-time local training (local-only reference, fine-tuning)
     "fusion": 16,  # FDLoRA: the examples a client fits its fusion weights on
+    "lockstep_dropout": 17,  # lockstep training: one dropout stream per (round, chunk)
 }
 
 

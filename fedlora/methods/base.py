@@ -68,7 +68,10 @@ class Client:
 
     def penalty(self) -> Callable[[], torch.Tensor] | None:
         """A term added to every local step's loss (HetLoRA's tail norm); it must read the
-        model's parameters, not copies, so its gradient reaches the flat gradient buffer."""
+        model's parameters, not copies, so its gradient reaches the flat gradient buffer.
+        Return a `fedlora.model.flat.ParamPenalty` (a function of named parameters) so that
+        lockstep training can apply it to each client's copy; a bare closure makes the
+        runner train this method's clients one after another."""
         return None
 
     def done(self, start: torch.Tensor, trained: torch.Tensor, stats: dict[str, Any]) -> None:

@@ -27,14 +27,14 @@ Two optional extras (hetlora only, off by default; docs/heterogeneity.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from fedlora.methods.base import Client, Server
 from fedlora.methods.tiers import Tiers, TierSettings
-from fedlora.model.layers import lora_pairs, param_pairs, rank_mask
+from fedlora.model.flat import ParamPenalty
+from fedlora.model.layers import lora_layers, lora_pairs, rank_mask
 from fedlora.server.hetero import (
     loss_based_ranks,
     padded_pseudo_gradient,
@@ -63,15 +63,17 @@ class HetLoRAClient(Client):
     def train_mask(self) -> torch.Tensor:
         return self.mask
 
-    def penalty(self) -> Callable[[], torch.Tensor] | None:
-        """self_prune: lambda * sum over layers of the tail norm of the client's rank."""
+    def penalty(self) -> ParamPenalty | None:
+        """self_prune: lambda * sum over layers of the tail norm of the client's rank; over
+        named parameters, so lockstep training can apply it to each client's own copy."""
         o = self.options
         lam, gamma, r_min, r = (float(o.get("prune_lambda", 0)), float(o.get("prune_gamma", 1)),
                                 int(o.get("r_min", 1)), self.rank)
         if not o.get("self_prune") or lam == 0 or pruned_rank(r, gamma, r_min) == r:
             return None
-        pairs = param_pairs(self.adapter)
-        return lambda: sum(tail_penalty(A, B, r, lam, gamma, r_min) for A, B in pairs)
+        pairs = [(ly.A.name, ly.B.name) for ly in lora_layers(self.adapter)]
+        return ParamPenalty(lambda p: sum(tail_penalty(p[a], p[b], r, lam, gamma, r_min)
+                                          for a, b in pairs), self.adapter)
 
     def done(self, start, trained, stats) -> None:
         """Self-prune: keep r' components if the tail norm shrank during the round."""

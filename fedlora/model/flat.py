@@ -90,3 +90,20 @@ class FlatAdapter:
     def layout_json(self) -> str:
         return json.dumps([{"name": e.name, "shape": list(e.shape), "offset": e.offset}
                            for e in self.layout])
+
+
+class ParamPenalty:
+    """A local-loss term written over named adapter parameters, not over a model.
+
+    `fn(params)` takes a mapping from layout names to parameter tensors and returns a scalar.
+    Sequential training calls it with the model's own parameters (`penalty()`, so it is a
+    drop-in for a closure); lockstep training calls `fn` with one client's slice of the
+    stacked parameters, which a closure over the model's parameters could not follow.
+    """
+
+    def __init__(self, fn, adapter: FlatAdapter):
+        self.fn = fn
+        self.params = {e.name: p for e, p in zip(adapter.layout, adapter.params)}
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn(self.params)

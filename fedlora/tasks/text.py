@@ -95,6 +95,28 @@ class TextClassification:
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
+    def losses(self, model: torch.nn.Module,
+               batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each batch's mean loss from one forward over all of them, rows in batch order
+        (lockstep training: each batch is another client's, fedlora/client/lockstep.py).
+        Batches are right-padded to the widest; padding is masked out of attention."""
+        width = max(int(b["input_ids"].shape[1]) for b in batches)
+        pad = self.tokenizer.pad_token_id
+
+        def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(t, (0, width - t.shape[1]), value=value)
+
+        logits = model(input_ids=torch.cat([widen(b["input_ids"], pad) for b in batches]),
+                       attention_mask=torch.cat([widen(b["attention_mask"], 0)
+                                                 for b in batches])).logits
+        out, start = [], 0
+        for b in batches:  # the same reduction as the model's own loss (CrossEntropyLoss)
+            rows = len(b["labels"])
+            out.append(F.cross_entropy(logits[start:start + rows].view(-1, logits.shape[-1]),
+                                       b["labels"].view(-1)))
+            start += rows
+        return out
+
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, split: Split, batch_size: int,
                  device: torch.device) -> dict[str, float]:
