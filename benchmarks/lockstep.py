@@ -37,6 +37,7 @@ from fedlora.client.lockstep import LockstepJob, train_lockstep  # noqa: E402
 from fedlora.client.train import train_client  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
 from fedlora.data.federated import client_batches  # noqa: E402
+from fedlora.engine import resolve_config  # noqa: E402
 from fedlora.model.flat import FlatAdapter  # noqa: E402
 from fedlora.rng import np_rng, torch_seed  # noqa: E402
 from fedlora.tasks import build_task  # noqa: E402
@@ -126,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(None, ["task.max_examples=20000", "task.test_size=64", "model.rank=16",
                              "client.max_steps=4", "client.batch_size=16"])
-    task = build_task(cfg)
+    task = build_task(resolve_config(cfg))
     adapter = FlatAdapter(task.model)
     start = adapter.vector.clone()
     clients = cohort(cfg, task, args.clients)

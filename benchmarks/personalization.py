@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedlora.config import load_config
-from fedlora.engine import Simulation
+from fedlora.engine import Simulation, resolve_config
 from fedlora.rundir import read_jsonl
 from fedlora.tasks import build_task
 
@@ -81,7 +81,7 @@ def main() -> None:
                     shutil.rmtree(d)  # an unfinished run: start it over
                 cfg = load_config(None, [*common, *over])
                 if task is None:
-                    task = build_task(cfg)
+                    task = build_task(resolve_config(cfg))
                 if ref is not None:
                     d.mkdir(parents=True)
                     shutil.copy(ref, d / ref.name)

@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.config import load_config  # noqa: E402
 from fedlora.data.federated import client_batches  # noqa: E402
-from fedlora.engine import Simulation  # noqa: E402
+from fedlora.engine import (
+    Simulation,  # noqa: E402
+    resolve_config,  # noqa: E402
+)
 from fedlora.model.backbone import quiet_transformers  # noqa: E402
 from fedlora.rng import np_rng  # noqa: E402
 from fedlora.tasks import build_task  # noqa: E402
@@ -67,7 +70,7 @@ def main() -> None:
             "client.epochs=1000", *args.set]
     cfg = load_config(args.config, over)
     start = time.perf_counter()
-    task = build_task(cfg)
+    task = build_task(resolve_config(cfg))
     built = time.perf_counter() - start
     sim = Simulation(cfg, tempfile.mkdtemp(), progress=False, task=task)
     device = sim.device

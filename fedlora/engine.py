@@ -35,7 +35,7 @@ from fedlora.client.store import ClientStore
 from fedlora.client.train import train_client
 from fedlora.comm import codec
 from fedlora.comm.ledger import Ledger
-from fedlora.config import Config, check, config_from_dict
+from fedlora.config import Config, config_from_dict
 from fedlora.data.federated import client_batches
 from fedlora.methods import METHODS, build_method, resolve_settings
 from fedlora.methods.base import Client
@@ -46,7 +46,7 @@ from fedlora.protocol import ClientResult, ClientTask
 from fedlora.rng import np_rng, torch_generator, torch_seed
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
-from fedlora.tasks import TASKS, build_task
+from fedlora.tasks import build_task, check_name
 
 log = logging.getLogger("fedlora")
 
@@ -55,8 +55,7 @@ def resolve_config(cfg: Config) -> Config:
     """Finish a loaded config for running, in place: the task and method names, the method's
     own typed settings (`method.*`) and what the flat vector holds (`model.trainable`).
     `load_config` checks the general fields; this layer knows the registries."""
-    check(cfg.task.name in TASKS, "task.name",
-          f"unknown task {cfg.task.name!r} (valid: {', '.join(TASKS)})")
+    check_name(cfg)
     resolve_settings(cfg)
     return cfg
 

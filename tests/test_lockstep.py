@@ -10,6 +10,7 @@ from conftest import make_text_file, minilm_installed, tiny_overrides
 from fedlora.client.lockstep import LockstepJob, lockstep_blocker, train_lockstep
 from fedlora.client.train import train_client
 from fedlora.config import load_config
+from fedlora.engine import resolve_config
 from fedlora.methods.ffa_lora import FFALoRA
 from fedlora.methods.hetlora import rank_mask
 from fedlora.model.flat import FlatAdapter, ParamPenalty
@@ -45,7 +46,7 @@ def setup(tmp_path_factory):
     model_dir = make_tiny_bert_no_dropout(root / "bert")
     data = make_text_file(root / "data.jsonl")
     cfg = load_config(None, tiny_overrides(model_dir, data))
-    task = build_task(cfg)
+    task = build_task(resolve_config(cfg))
     adapter = FlatAdapter(task.model)
     # Reused by the engine tests (one resident model for many runs, as the engine allows).
     task.adapter, task.initial_vector = adapter, adapter.vector.detach().clone()
@@ -147,7 +148,7 @@ def test_blockers_are_detected(setup, tmp_path):
     assert "closure" in lockstep_blocker(task, adapter, [lambda: torch.zeros(())])
     cfg = load_config(None, tiny_overrides(setup[0].model.name, setup[0].task.path,
                                            **{"method.name": "full_finetune"}))
-    backbone = build_task(cfg)
+    backbone = build_task(resolve_config(cfg))
     reason = lockstep_blocker(backbone, FlatAdapter(backbone.model))
     assert reason is not None and "neither LoRA" in reason
     with pytest.raises(ValueError, match="client.lockstep"):
@@ -159,7 +160,7 @@ def test_dropout_is_reproducible_from_the_seed(tiny_bert_dir, tmp_path):
     """With dropout on, lockstep is not sequential, but the same seed gives the same result."""
     data = make_text_file(tmp_path / "d.jsonl")
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, data))
-    task = build_task(cfg)
+    task = build_task(resolve_config(cfg))
     adapter = FlatAdapter(task.model)
     jobs = [LockstepJob(s, _batches(task, 2, 8, i)) for i, s in enumerate(_starts(adapter, 3))]
     runs = []

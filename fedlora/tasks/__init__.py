@@ -21,8 +21,24 @@ TASKS: dict[str, str] = {
 }
 
 
+def check_name(cfg) -> None:
+    """`task.name` must be a registered task (the error lists them)."""
+    from fedlora.config import check
+
+    check(cfg.task.name in TASKS, "task.name",
+          f"unknown task {cfg.task.name!r} (valid: {', '.join(TASKS)})")
+
+
 def build_task(cfg):
-    """Load data, partition it and build the model with LoRA for `cfg.task.name`."""
+    """Load data, partition it and build the model for `cfg.task.name`, with what
+    `model.trainable` says the flat vector holds (LoRA, the backbone, or LoRA and W)."""
+    from fedlora.config import ConfigError
+
+    if cfg.model.trainable is None:  # a backbone method must never silently get LoRA
+        raise ConfigError("model.trainable: not resolved; pass the config through "
+                          "fedlora.engine.resolve_config first (it fills in what the method "
+                          "trains)")
+    check_name(cfg)
     module, fn = TASKS[cfg.task.name].split(":")
     try:
         mod = importlib.import_module(module)
