@@ -24,6 +24,7 @@ STREAMS = {
     "subsample": 10,
     "slora_mask": 11,
     "lora_reinit": 12,
+    "eval_subset": 13,
 }
 
 

@@ -87,3 +87,61 @@ def test_a_run_over_100k_mostly_empty_clients(method, tmp_path, tiny_bert_dir, t
         c = json.loads(row)["client"]
         assert len(sim.task.data.clients[c]) > 0
     assert (tmp_path / method / "checkpoint.json").stat().st_size < 20_000
+
+
+# ------------------------------------------------------------------ the rest of the round
+
+
+def test_eval_subset_during_training_full_test_set_at_the_end(tmp_path, tiny_bert_dir,
+                                                              text_file):
+    from fedlora.config import load_config
+    from fedlora.engine import Simulation
+    from fedlora.rundir import read_jsonl
+
+    def run(name, **extra):
+        cfg = load_config(None, tiny_overrides(tiny_bert_dir, text_file, rounds=3, **extra))
+        sim = Simulation(cfg, tmp_path / name, progress=False)
+        return sim, sim.run(), read_jsonl(tmp_path / name / "metrics.jsonl")
+
+    sim, summary, rows = run("sub", eval_max_examples=10)
+    assert [r.get("eval_examples") for r in rows] == [10, 10, None]  # last round: all 24
+    a, b = sim.eval_split(full=False), sim.eval_split(full=False)
+    assert a is b and len(a) == 10  # one subset, drawn once from the seed
+    _, full_summary, full_rows = run("full")
+    assert all("eval_examples" not in r for r in full_rows)
+    # Training is untouched by how evaluation is done; the final full evaluation agrees.
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full_rows]
+    assert rows[-1]["accuracy"] == full_rows[-1]["accuracy"]
+    assert summary["final"]["accuracy"] == full_summary["final"]["accuracy"]
+    assert summary["best"] == rows[-1]["accuracy"]  # subset rows are not results
+    sim2, _, _ = run("sub2", eval_max_examples=10)
+    assert torch_equal(sim2.eval_split(False).labels, a.labels)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
+def test_threads_setting(monkeypatch):
+    import torch
+
+    from fedlora.config import ConfigError, load_config
+    from fedlora.engine import set_threads
+
+    try:
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("FEDLORA_THREADS", "1")
+        assert set_threads(None) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("FEDLORA_THREADS")
+        assert set_threads(None) >= 1  # every usable core
+        monkeypatch.setenv("FEDLORA_THREADS", "many")
+        with pytest.raises(ValueError, match="FEDLORA_THREADS"):
+            set_threads(None)
+        with pytest.raises(ConfigError, match="threads"):
+            load_config(None, ["threads=0"])
+        with pytest.raises(ConfigError, match="eval_max_examples"):
+            load_config(None, ["eval_max_examples=0"])
+    finally:
+        torch.set_num_threads(1)
