@@ -232,11 +232,11 @@ def pfl_child(args: argparse.Namespace) -> None:
     import torch
     from pfl.aggregate.simulate import SimulatedBackend
     from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-    from pfl.callback import TrainingProcessCallback
+    from pfl.callback.base import TrainingProcessCallback
     from pfl.data.dataset import Dataset
     from pfl.data.federated_dataset import FederatedDataset
     from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
-    from pfl.metrics import Weighted
+    from pfl.metrics import Metrics, Weighted
     from pfl.model.pytorch import PyTorchModel
 
     torch.set_num_threads(args.threads)
@@ -287,11 +287,11 @@ def pfl_child(args: argparse.Namespace) -> None:
     class Clock(TrainingProcessCallback):
         def on_train_begin(self, *, model):
             stamps.append(time.perf_counter())
-            return {}
+            return Metrics()
 
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             stamps.append(time.perf_counter())
-            return False, {}
+            return False, Metrics()
 
     FederatedAveraging().run(
         algorithm_params=NNAlgorithmParams(central_num_iterations=work.rounds,
