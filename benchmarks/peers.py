@@ -104,10 +104,10 @@ def median_after_warmup(times: list[float]) -> float:
 
 # ------------------------------------------------------------------ fedlora side (parent)
 
-def fedlora_config(rounds: int, extra: list[str] = ()):
+def fedlora_config(rounds: int, threads: int, extra: list[str] = ()):
     from fedlora.config import load_config
 
-    return load_config(None, [
+    return load_config(None, [f"threads={threads}",
         "task.max_examples=20000", "task.test_size=64", "task.num_clients=100",
         "task.alpha=0.1", "clients_per_round=10", "client.max_steps=4", "client.batch_size=16",
         f"client.lr={LR}", f"client.momentum={MOMENTUM}", "method.name=lora",
@@ -159,12 +159,12 @@ def run_bare(work: Work, model_dir: str) -> list[float]:
     return times
 
 
-def run_fedlora(rounds: int, extra: list[str], task=None) -> list[float]:
+def run_fedlora(rounds: int, threads: int, extra: list[str], task=None) -> list[float]:
     from fedlora.engine import Simulation
     from fedlora.rundir import read_jsonl
 
     out = Path(tempfile.mkdtemp(prefix="fedlora-peers-"))
-    sim = Simulation(fedlora_config(rounds, extra), out, progress=False, task=task)
+    sim = Simulation(fedlora_config(rounds, threads, extra), out, progress=False, task=task)
     sim.run()
     return [r["wall_s"] for r in read_jsonl(out / "metrics.jsonl")]
 
@@ -353,7 +353,7 @@ def main() -> None:
     from fedlora.tasks import build_task
 
     arms = args.arms.split(",")
-    cfg = fedlora_config(args.rounds)
+    cfg = fedlora_config(args.rounds, args.threads)
     task = build_task(cfg)
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-peers-work-"))
     work_path = tmp / "work.npz"
@@ -381,13 +381,13 @@ def main() -> None:
         if arm == "bare":
             times["bare"] = run_bare(work, model_dir)
         elif arm == "fedlora":
-            times["fedlora"] = run_fedlora(args.rounds, [], task)
+            times["fedlora"] = run_fedlora(args.rounds, args.threads, [], task)
         elif arm == "lockstep":
             if not hasattr(cfg.client, "lockstep"):
                 notes["lockstep"] = "skipped: this checkout's config has no client.lockstep"
                 continue
-            times["lockstep"] = run_fedlora(args.rounds, [f"client.lockstep={args.lockstep}"],
-                                            task)
+            times["lockstep"] = run_fedlora(args.rounds, args.threads,
+                                            [f"client.lockstep={args.lockstep}"], task)
         elif arm == "flower":
             import flwr
 
