@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="fedlora: %(message)s")
+    logging.getLogger("fedlora").setLevel(logging.INFO)  # threads used, method stage notes
     args = build_parser().parse_args(argv)
     from fedlora.config import ConfigError
     from fedlora.model.backbone import MissingResource

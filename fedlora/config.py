@@ -156,6 +156,10 @@ class Config:
     sampling: str = "fixed"  # fixed (uniform without replacement) | poisson
     eval_every: int = 5
     eval_batch_size: int = 128
+    # Evaluations before the last round use this many test examples (a subset fixed by the
+    # seed, the `eval_subset` stream); the last round always uses the whole test split.
+    eval_max_examples: int | None = None  # None = the whole test split every time
+    threads: int | None = None  # torch CPU threads; None = $FEDLORA_THREADS, else all cores
     checkpoint_every: int | None = None  # None = every evaluation round
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -344,6 +348,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.clients_per_round >= 1, "clients_per_round", "must be >= 1")
     _check(cfg.eval_every >= 1, "eval_every", "must be >= 1")
     _check(cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+    _check(cfg.eval_max_examples is None or cfg.eval_max_examples >= 1, "eval_max_examples",
+           "must be >= 1 (or null for the whole test split)")
+    _check(cfg.threads is None or cfg.threads >= 1, "threads",
+           "must be >= 1 (or null for every usable core)")
     if cfg.checkpoint_every is not None:
         _check(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     _check(

@@ -15,6 +15,7 @@ flat vector swapped into it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ from fedlora.client.train import train_client
 from fedlora.comm import codec
 from fedlora.comm.ledger import Ledger
 from fedlora.config import Config, config_from_dict
-from fedlora.data.federated import client_batches
+from fedlora.data.federated import Split, client_batches
 from fedlora.methods import METHODS, build_method, resolve_settings
 from fedlora.methods.base import Client
 from fedlora.model.flat import FlatAdapter
@@ -58,6 +59,25 @@ def resolve_config(cfg: Config) -> Config:
     check_name(cfg)
     resolve_settings(cfg)
     return cfg
+
+
+def set_threads(threads: int | None) -> int:
+    """Give torch `threads` CPU threads: the config's value, else $FEDLORA_THREADS (the test
+    suite sets 1), else every core this process may run on. Logs and returns the count."""
+    if threads is None:
+        env = os.environ.get("FEDLORA_THREADS", "").strip()
+        if env:
+            if not env.isdigit() or int(env) < 1:
+                raise ValueError(f"FEDLORA_THREADS: expected an integer >= 1, got {env!r}")
+            threads = int(env)
+        elif hasattr(os, "sched_getaffinity"):
+            threads = len(os.sched_getaffinity(0))
+        else:
+            threads = os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    log.info("torch uses %d CPU thread%s", threads, "" if threads == 1 else "s")
+    return threads
 
 
 class ClientRunner:
@@ -218,6 +238,8 @@ class RoundServer:
                  progress: bool = True, task=None):
         self.cfg, self.progress = resolve_config(cfg), progress
         self.out = rundir.prepare(Path(out), resume, create=False)
+        self.threads = set_threads(cfg.threads)
+        self._eval_split: Split | None = None  # the fixed eval_max_examples subset
         self.task = task if task is not None else build_task(cfg)
         if getattr(self.task, "adapter", None) is None:
             self.task.adapter = FlatAdapter(self.task.model)
@@ -315,7 +337,7 @@ class RoundServer:
         row.update(self.dp_round)
         row["wall_s"] = time.perf_counter() - self._start
         if t % cfg.eval_every == 0 or t == cfg.rounds:
-            row.update(self.evaluate())
+            row.update(self.evaluate(full=t == cfg.rounds))
             if cfg.dp.enabled:
                 report = self.privacy(t)
                 row.update(epsilon=report.epsilon, delta=report.delta)
@@ -434,16 +456,33 @@ class RoundServer:
             return eligible[rng.random(len(eligible)) < self.cohort_size / len(eligible)]
         return rng.choice(eligible, size=self.cohort_size, replace=False)
 
-    def evaluate(self) -> dict[str, float]:
+    def eval_split(self, full: bool = True) -> Split:
+        """The test split, or (full=False with eval_max_examples set) its fixed subset."""
+        test, k = self.task.data.test, self.cfg.eval_max_examples
+        if full or k is None or k >= len(test):
+            return test
+        if self._eval_split is None:
+            rng = np_rng(self.cfg.seed, "eval_subset")
+            idx = torch.from_numpy(np.sort(rng.choice(len(test), size=k, replace=False)))
+            self._eval_split = Split({name: v[idx] for name, v in test.inputs.items()},
+                                     test.labels[idx])
+        return self._eval_split
+
+    def evaluate(self, full: bool = True) -> dict[str, float]:
+        """Metrics of P (and the method's extra models) on the test split; rows evaluated
+        on the eval_max_examples subset say so with `eval_examples`."""
         start = time.perf_counter()
+        split = self.eval_split(full)
         self.adapter.load_(self.P)
-        metrics = self.task.evaluate(self.task.model, self.task.data.test,
-                                     self.cfg.eval_batch_size, self.device)
+        metrics = self.task.evaluate(self.task.model, split, self.cfg.eval_batch_size,
+                                     self.device)
         for name, vector in self.method.eval_vectors(self.P).items():  # e.g. per-tier models
             self.adapter.load_(vector)
-            sub = self.task.evaluate(self.task.model, self.task.data.test,
-                                     self.cfg.eval_batch_size, self.device)
+            sub = self.task.evaluate(self.task.model, split, self.cfg.eval_batch_size,
+                                     self.device)
             metrics.update({f"{name}/{k}": v for k, v in sub.items()})
+        if split is not self.task.data.test:
+            metrics["eval_examples"] = len(split)
         return {**metrics, "eval_s": time.perf_counter() - start}
 
     # ---------------------------------------------------------------- state
@@ -473,7 +512,8 @@ class RoundServer:
 
     def write_summary(self) -> dict:
         rows = rundir.read_jsonl(self.out / "metrics.jsonl")
-        evals = [r for r in rows if self.task.utility in r]
+        # Subset evaluations (eval_max_examples) are progress signals, not results.
+        evals = [r for r in rows if self.task.utility in r and "eval_examples" not in r]
         final = {k: v for k, v in (evals[-1] if evals else {}).items()
                  if k not in ("round", "clients", "aggregated", "dropped")}
         summary = {
@@ -490,7 +530,7 @@ class RoundServer:
             "num_params": self.n, "dense_float32_bytes": 4 * self.n,
             "num_clients": len(self.task.data.clients),
             "empty_clients": self.task.data.empty_clients,
-            "sampling": self.cfg.sampling,
+            "sampling": self.cfg.sampling, "threads": self.threads,
         }
         if self.cfg.dp.enabled:
             summary["privacy"] = self.privacy(self.round).to_dict()

@@ -29,6 +29,7 @@ STREAMS = {
     "personal": 15,  # evaluation-time local training (local-only reference, fine-tuning)
     "fusion": 16,  # FDLoRA: the examples a client fits its fusion weights on
     "lockstep_dropout": 17,  # lockstep training: one dropout stream per (round, chunk)
+    "eval_subset": 18,  # eval_max_examples: the test examples evaluated during training
 }
 
 

@@ -6,6 +6,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["FEDLORA_THREADS"] = "1"  # runs with threads=null stay single-threaded in tests
 
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -90,7 +90,7 @@ def test_iid_and_natural_and_mix_assign_once():
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(101))
     ids = ["b", "a", "c", "a", "b", "a"]
     parts, names = partition.natural(ids)
-    assert names == ["a", "b", "c"]
+    assert list(names) == ["a", "b", "c"]
     assert [p.tolist() for p in parts] == [[1, 3, 5], [0, 4], [2]]
     mixed = partition.iid_mix(parts, 0.5, rng)
     assert np.array_equal(np.sort(np.concatenate(mixed)), np.arange(6))

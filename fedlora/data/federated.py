@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,10 +22,13 @@ class Split:
 
 @dataclass
 class FederatedData:
+    """Train/test splits and the clients' train indices (a `Partition` for the built-in
+    partitions: O(examples + clients) memory, no per-client objects)."""
+
     train: Split
     test: Split
-    clients: list[np.ndarray]  # train indices per client
-    client_names: list[str]
+    clients: Sequence[np.ndarray]  # train indices per client
+    client_names: Sequence[str]
     label_names: list[str]
     empty_clients: list[int] = field(default_factory=list)
     # Per-client held-out indices into `train` (task.local_test_fraction); empty when off.
@@ -33,7 +36,12 @@ class FederatedData:
 
     @property
     def sizes(self) -> np.ndarray:
-        return np.array([len(c) for c in self.clients])
+        """Examples per client."""
+        sizes = getattr(self.clients, "sizes", None)  # a Partition has them precomputed
+        if sizes is not None:
+            return sizes
+        return np.fromiter((len(c) for c in self.clients), dtype=np.int64,
+                           count=len(self.clients))
 
     @property
     def eligible(self) -> np.ndarray:

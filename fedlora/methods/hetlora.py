@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fedlora.methods.base import Client, Server
+from fedlora.methods.client_state import ClientValues
 from fedlora.methods.tiers import Tiers, TierSettings
 from fedlora.model.flat import ParamPenalty
 from fedlora.model.layers import lora_layers, lora_pairs, rank_mask
@@ -108,12 +109,15 @@ class HetLoRA(Server):
         self.budget = Tiers(het, self.cfg.seed, num_clients)
         self.r_s, self.r_min, self.tiers = self.budget.r_s, self.budget.r_min, self.budget.tier
         self._masks: dict[int, torch.Tensor] = {}
-        # Each client's own rank: its tier's, lowered for good by self-pruning (checkpointed).
-        self.ranks = np.array([tier_rank(int(b), het.r_base) for b in self.tiers], dtype=np.int64)
+        # Each client's own rank: its tier's, lowered for good by self-pruning. Only the
+        # pruned clients are stored (and checkpointed): O(sampled), not O(population).
+        r_base = np.int64(het.r_base)
+        self.ranks = ClientValues(num_clients, lambda ids: r_base ** (self.tiers[ids] - 1),
+                                  np.int64)
         # rank_allocation = loss: this round's assignment, and each client's last reported
-        # loss (+inf = never reported; checkpointed).
+        # loss (+inf = never reported; only reporters stored, checkpointed).
         self.round_ranks: dict[int, int] = {}
-        self.last_loss = np.full(num_clients, np.inf)
+        self.last_loss = ClientValues(num_clients, np.inf, np.float64)
 
     def rank_of(self, client: int) -> int:
         """The client's rank now: what it is told to download and train; after it reported a
@@ -194,17 +198,16 @@ class HetLoRA(Server):
     def state_json(self) -> dict:
         out: dict = {}  # nothing with the extras off: checkpoints stay as they were
         if self.cfg.het.self_prune:
-            out["ranks"] = [int(r) for r in self.ranks]
+            out["ranks"] = self.ranks.to_json()  # {client: rank} of the pruned clients
         if self.cfg.het.rank_allocation == "loss":
-            out["last_loss"] = [float(x) if math.isfinite(x) else None for x in self.last_loss]
+            out["last_loss"] = self.last_loss.to_json()  # {client: loss} of the reporters
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if "ranks" in meta:
-            self.ranks = np.asarray(meta["ranks"], dtype=np.int64)
+        if "ranks" in meta:  # also reads an older checkpoint's dense list
+            self.ranks.load_json(meta["ranks"], missing=0)
         if "last_loss" in meta:
-            self.last_loss = np.array([np.inf if x is None else x for x in meta["last_loss"]],
-                                      dtype=np.float64)
+            self.last_loss.load_json(meta["last_loss"], missing=np.inf)
 
 
 class AllLowestTier(HetLoRA):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fedlora.config import Config
 from fedlora.data.federated import FederatedData, Split
+from fedlora.data.partition import empty_clients
 from fedlora.model.backbone import quiet_transformers
 from fedlora.model.lora import add_lora
 from fedlora.rng import torch_seed
@@ -76,7 +77,7 @@ class TextToTextClassification:
         self.data = FederatedData(
             train=split(train_idx), test=split(test_idx), clients=parts,
             client_names=client_names, label_names=names,
-            empty_clients=[i for i, p in enumerate(parts) if len(p) == 0])
+            empty_clients=empty_clients(parts))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed(cfg.seed, "init"))
             model = AutoModelForCausalLM.from_pretrained(backbone)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from fedlora.config import Config
@@ -29,7 +31,7 @@ def default_targets(model_type: str) -> list[str]:
 
 
 def partition(cfg: Config, n_train: int, train_labels: np.ndarray | None,
-              train_clients: list | None) -> tuple[list[np.ndarray], list[str]]:
+              train_clients: list | None) -> tuple[Sequence[np.ndarray], np.ndarray]:
     """`task.partition` over the training examples; next-token tasks have no labels to skew."""
     if train_labels is None:
         if cfg.task.partition == "dirichlet":

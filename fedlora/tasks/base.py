@@ -99,7 +99,7 @@ def train_test(cfg: Config, n: int, labels: np.ndarray | None,
 
 
 def partition_clients(cfg, labels: np.ndarray, clients: list | None,
-                      seed: int) -> tuple[list[np.ndarray], list[str]]:
+                      seed: int) -> tuple[partition.Partition, np.ndarray]:
     """Apply `task.partition` to the training examples."""
     t = cfg.task
     rng = np_rng(seed, "partition")
@@ -115,7 +115,7 @@ def partition_clients(cfg, labels: np.ndarray, clients: list | None,
         parts = partition.iid(len(labels), t.num_clients, rng)
     else:
         parts = partition.dirichlet(labels, t.num_clients, t.alpha, rng)
-    return parts, [str(i) for i in range(len(parts))]
+    return parts, np.arange(len(parts)).astype(str)  # one string array, not N objects
 
 
 def hold_out_local_test(cfg: Config, data: FederatedData) -> FederatedData:

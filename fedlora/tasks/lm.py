@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fedlora.config import Config
 from fedlora.data.federated import FederatedData, Split
+from fedlora.data.partition import empty_clients
 from fedlora.model.backbone import quiet_transformers
 from fedlora.model.lora import add_lora
 from fedlora.rng import torch_seed
@@ -128,7 +129,7 @@ def build_causal_lm(cfg: Config, texts: list[str], clients: list | None,
 
     data = FederatedData(train=split(train_idx), test=split(test_idx), clients=parts,
                          client_names=names, label_names=[],
-                         empty_clients=[i for i, p in enumerate(parts) if len(p) == 0])
+                         empty_clients=empty_clients(parts))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed(cfg.seed, "init"))
         model = AutoModelForCausalLM.from_pretrained(backbone)

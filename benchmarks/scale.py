@@ -1,0 +1,138 @@
+"""Server memory and round time against the population size N, at a fixed cohort.
+
+Each (N, partition, method) runs in its own subprocess, so its peak RSS (ru_maxrss) is its
+own: the embedded wordnet-topics task, MiniLM with LoRA r=16, 10 clients x 4 local steps
+per round, no evaluation until the last round. The Dirichlet arm uses the glosses as they
+are (at N = 100,000 most clients hold one or two examples, a third none); the natural arm
+writes the same glosses, cycled to a fixed number of rows, into a JSONL with a `client`
+column of N distinct ids (row mod N), so every N tokenizes the same rows.
+
+    python benchmarks/scale.py [--sizes 1000,10000,100000] [--rounds 4] [--threads 1]
+
+Targets (issue 14): peak RSS growth from N = 1,000 to 100,000 <= 50 MB; seconds per
+round flat in N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS = 200_000  # rows of the natural arm's file: two per client at N = 100,000
+
+
+def child(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from fedlora.config import load_config
+    from fedlora.engine import Simulation
+    from fedlora.rundir import read_jsonl
+    from fedlora.tasks import build_task
+
+    over = [f"rounds={args.rounds}", "clients_per_round=10", "client.max_steps=4",
+            "client.batch_size=16", "task.test_size=500", f"eval_every={10**6}",
+            f"method.name={args.method}"]
+    if args.method == "hetlora":
+        over += ["het.self_prune=true", "het.prune_lambda=0.01"]
+    if args.partition == "natural":
+        over += ["task.name=text-file", f"task.path={args.file}", "task.partition=natural"]
+    else:
+        over += [f"task.num_clients={args.n}", "task.partition=dirichlet", "task.alpha=0.1"]
+    cfg = load_config(None, over)
+    t0 = time.perf_counter()
+    task = build_task(cfg)
+    build_s = time.perf_counter() - t0
+    out = Path(tempfile.mkdtemp(prefix="fedlora-scale-"))
+    sim = Simulation(cfg, out, task=task, progress=False)
+    t0 = time.perf_counter()
+    for t in range(1, 51):
+        sim.sample(t)
+    sample_ms = (time.perf_counter() - t0) / 50 * 1e3
+    sim.run()
+    rows = read_jsonl(out / "metrics.jsonl")
+    walls = [r["wall_s"] for r in rows[1:]]  # round 1 warms up
+    sizes = task.data.sizes
+    print(json.dumps({
+        "n": args.n, "partition": args.partition, "method": args.method,
+        "clients": len(task.data.clients), "empty": int((sizes == 0).sum()),
+        "median_size": float(np.median(sizes)), "train": len(task.data.train),
+        "partition_mb": getattr(task.data.clients, "nbytes", 0) / 1e6,
+        "build_s": build_s, "sample_ms": sample_ms,
+        "round_s": float(np.median(walls)), "rounds": len(rows),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+def natural_file(path: Path, n: int) -> None:
+    """The wordnet glosses cycled to ROWS rows, client id = row mod n."""
+    from fedlora.tasks.wordnet import load_examples
+
+    ex = load_examples()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(ROWS):
+            j = i % len(ex.labels)
+            f.write(json.dumps({"text": ex.inputs[j], "label": ex.labels[j],
+                                "client": f"u{i % n}"}) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000,10000,100000")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arms", default="dirichlet:flasc,dirichlet:hetlora,natural:flasc",
+                    help="partition:method pairs")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--partition", default="dirichlet", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="flasc", help=argparse.SUPPRESS)
+    ap.add_argument("--file", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="fedlora-scale-data-"))
+    results = []
+    for arm in args.arms.split(","):
+        part, method = arm.split(":")
+        for n in sizes:
+            cmd = [sys.executable, __file__, "--child", "--n", str(n), "--partition", part,
+                   "--method", method, "--rounds", str(args.rounds),
+                   "--threads", str(args.threads)]
+            if part == "natural":
+                f = tmp / f"natural-{n}.jsonl"
+                natural_file(f, n)
+                cmd += ["--file", str(f)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{arm} N={n} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print("\n| partition | method | N | clients (empty) | median examples | partition MB | "
+          "peak RSS MB | s / round | sample ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['partition']} | {r['method']} | {r['n']:,} | {r['clients']:,} "
+              f"({r['empty']:,}) | {r['median_size']:g} | {r['partition_mb']:.2f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['round_s']:.2f} | {r['sample_ms']:.2f} |")
+    for arm in args.arms.split(","):
+        rows = [r for r in results if f"{r['partition']}:{r['method']}" == arm]
+        lo, hi = min(rows, key=lambda r: r["n"]), max(rows, key=lambda r: r["n"])
+        print(f"{arm}: peak RSS {hi['n']:,} - {lo['n']:,} = "
+              f"{hi['peak_rss_mb'] - lo['peak_rss_mb']:+.1f} MB; s/round "
+              f"{lo['round_s']:.2f} -> {hi['round_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
