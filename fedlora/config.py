@@ -34,6 +34,7 @@ class TaskConfig:
     formulation: str = "classification"  # classification | text_to_text (label text via LM head)
     image_size: int = 224  # pixels, image tasks
     cache_dir: str | None = None  # de-quantised weights etc.; None = ~/.cache/fedlora
+    on_bad_rows: str = "error"  # error | skip: a malformed data row stops the run or is counted
 
 
 @dataclass
@@ -69,6 +70,19 @@ class ClientConfig:
 
 
 @dataclass
+class RobustConfig:
+    """Robust aggregation (docs/reliability.md): a norm bound, then a robust rule."""
+
+    rule: str = "mean"  # mean (the method's own rule) | trimmed_mean | median | krum | multi_krum
+    max_norm: float = math.inf  # absolute l2 bound on an update (inf = none)
+    max_norm_x_median: float | None = None  # bound as a multiple of the cohort's median norm
+    norm_action: str = "reject"  # reject | clip: what happens to an update above the bound
+    trim: float = 0.1  # trimmed_mean: fraction cut from each end of every coordinate
+    byzantine: int = 1  # krum / multi_krum: f, the number of attackers tolerated
+    keep: int | None = None  # multi_krum: m updates averaged (None = n - f)
+
+
+@dataclass
 class ServerConfig:
     optimizer: str = "fedadam"  # fedavg | fedadam | fedyogi | fedadagrad
     lr: float = 1e-2  # paper Appendix B.4 (20NewsGroups, Reddit)
@@ -78,6 +92,7 @@ class ServerConfig:
     bias_correction: bool = True  # the paper's Algorithm 1 instantiates torch Adam
     weight_decay: float = 0.0  # decoupled (AdamW-style); reference code used 0.01
     weighted: bool = False  # weight client updates by dataset size
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
 
 @dataclass
@@ -143,7 +158,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the resolved config atomically (a kill never leaves a torn config.yaml)."""
+        from fedlora.rundir import write_text
+
+        write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------- building
@@ -193,7 +211,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return list(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise ConfigError(f"{key}: expected {base}, got {value!r}") from None
     return value
 
@@ -215,7 +233,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if is_dataclass(sub):
-            kwargs[name] = _build(type(sub), data[name] or {}, key)
+            kwargs[name] = _build(type(sub), {} if data[name] is None else data[name], key)
         else:
             kwargs[name] = _coerce(data[name], f.type, key)
     return cls(**kwargs)
@@ -409,3 +427,51 @@ def validate(cfg: Config) -> None:
                "pld accounts Poisson sampling only; with sampling=fixed use rdp (replace-one)")
     if cfg.comm.max_bytes is not None:
         _check(cfg.comm.max_bytes >= 16, "comm.max_bytes", "must be >= 16")
+    _validate_general(cfg)
+
+
+# ---------------------------------------------------------------- general fields
+# Rules that apply across sections: finite numbers, the seed's range, settings that would
+# silently do nothing, data-row handling and robust aggregation (docs/reliability.md).
+
+# Float fields where inf means "no bound"; every other float must be finite, and no float NaN.
+INF_ALLOWED = frozenset({"dp.clip", "server.robust.max_norm"})
+ROBUST_RULES = ("mean", "trimmed_mean", "median", "krum", "multi_krum")
+
+
+def _float_fields(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    out = []
+    for f in fields(obj):
+        key = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out += _float_fields(value, key + ".")
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
+
+
+def _validate_general(cfg: Config) -> None:
+    for key, value in _float_fields(cfg):
+        _check(not math.isnan(value), key, "must be a number, got nan")
+        if key not in INF_ALLOWED:
+            _check(math.isfinite(value), key, f"must be finite, got {value}")
+    _check(0 <= cfg.seed < 2**63, "seed", f"must be an integer in [0, 2**63), got {cfg.seed}")
+    _check(cfg.dp.enabled or cfg.dp.noise_multiplier == 0, "dp.noise_multiplier",
+           f"is {cfg.dp.noise_multiplier} but dp.enabled=false, so no noise would be added "
+           "and the run would not be private; set dp.enabled=true or dp.noise_multiplier=0")
+    _check(cfg.task.on_bad_rows in ("error", "skip"), "task.on_bad_rows",
+           f"must be error or skip, got {cfg.task.on_bad_rows!r}")
+    r = cfg.server.robust
+    _check(r.rule in ROBUST_RULES, "server.robust.rule",
+           f"must be one of {', '.join(ROBUST_RULES)}, got {r.rule!r}")
+    _check(r.max_norm > 0, "server.robust.max_norm", f"must be > 0 (inf = none), got {r.max_norm}")
+    if r.max_norm_x_median is not None:
+        _check(r.max_norm_x_median > 0, "server.robust.max_norm_x_median",
+               f"must be > 0 or null, got {r.max_norm_x_median}")
+    _check(r.norm_action in ("reject", "clip"), "server.robust.norm_action",
+           f"must be reject or clip, got {r.norm_action!r}")
+    _check(0.0 <= r.trim < 0.5, "server.robust.trim", f"must be in [0, 0.5), got {r.trim}")
+    _check(r.byzantine >= 0, "server.robust.byzantine", f"must be >= 0, got {r.byzantine}")
+    if r.keep is not None:
+        _check(r.keep >= 1, "server.robust.keep", f"must be >= 1 or null, got {r.keep}")
