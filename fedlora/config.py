@@ -220,11 +220,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"unknown config key '{where}{unknown[0]}' (valid: {', '.join(sorted(known))})"
+            f"unknown config key {where + str(unknown[0])!r} (valid: {', '.join(sorted(known))})"
         )
     kwargs = {}
     for name, f in known.items():
@@ -245,7 +245,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: '{p}' is not a section")
+            raise ConfigError(f"--set {dotted}: '{p}' is set to a value, not a section")
     node[parts[-1]] = value
 
 
@@ -256,7 +256,15 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        if not all(part.isidentifier() for part in key.strip().split(".")):
+            raise ConfigError(f"--set {key!r}: the key must be dotted field names, e.g. "
+                              "method.d_up=1/4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or type(e).__name__)
+            raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML "
+                              f"({problem})") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -282,9 +290,19 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+            where = getattr(e, "problem_mark", None)
+            line = f" line {where.line + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"config: {p}{line} is not valid YAML ({problem})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config: cannot read {p} ({e})") from None
+        if data is None:
+            data = {}  # an empty file: the defaults
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {p} must hold a mapping of config keys, "
+                              f"got {type(data).__name__} {data!r:.40}")
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     cfg = _build(Config, _merge(data, over), "")
     validate(cfg)
