@@ -493,3 +493,31 @@ def _validate_general(cfg: Config) -> None:
     _check(r.byzantine >= 0, "server.robust.byzantine", f"must be >= 0, got {r.byzantine}")
     if r.keep is not None:
         _check(r.keep >= 1, "server.robust.keep", f"must be >= 1 or null, got {r.keep}")
+        _check(r.rule == "multi_krum", "server.robust.keep", "only applies to multi_krum")
+    if r.rule in ("krum", "multi_krum") and cfg.sampling == "fixed":
+        _check(cfg.clients_per_round >= 2 * r.byzantine + 3, "server.robust.byzantine",
+               f"{r.rule} tolerates f attackers only with a cohort of at least 2f + 3 "
+               f"(clients_per_round={cfg.clients_per_round}, f={r.byzantine})")
+    _validate_dp_composition(cfg)
+
+
+def _validate_dp_composition(cfg: Config) -> None:
+    """What DP composes with (docs/privacy.md): the Gaussian mechanism's sensitivity is C
+    only while each client moves the noised sum by at most C and nothing else depends on
+    who took part. Rules that break that are refused, never silently ignored."""
+    if not cfg.dp.enabled:
+        return
+    _check(not cfg.server.weighted, "server.weighted",
+           "weights by dataset size depend on the clients' data; user-level DP weights every "
+           "user equally (set server.weighted=false with dp.enabled)")
+    if cfg.method.name == "hetlora":
+        _check(cfg.het.aggregation == "zero_pad", "het.aggregation",
+               f"{cfg.het.aggregation} divides or weights by who took part (their ranks or "
+               "update norms), which the DP noise does not cover; use zero_pad with dp.enabled")
+    r = cfg.server.robust
+    _check(r.rule == "mean", "server.robust.rule",
+           f"{r.rule} selects or reorders updates by their values, so one client can move "
+           "the aggregate by more than dp.clip; only an absolute norm bound composes with DP")
+    _check(r.max_norm_x_median is None, "server.robust.max_norm_x_median",
+           "a bound relative to the cohort's median norm lets one client change another's "
+           "clipping; use server.robust.max_norm (absolute) with dp.enabled")

@@ -249,3 +249,33 @@ def test_fuzz_10000_structured_mutations_only_codec_errors():
         assert out.shape == (n,) and torch.isfinite(out).all()
         decoded += 1
     assert rejected + decoded == 10_000 and rejected > 9_000
+
+
+@pytest.mark.parametrize("items,field", [
+    (["server.weighted=true"], "server.weighted"),
+    (["method.name=hetlora", "model.rank=4", "het.r_base=2",
+      "het.aggregation=replication_pad"], "het.aggregation"),
+    (["method.name=hetlora", "model.rank=4", "het.r_base=2",
+      "het.aggregation=sparsity_weighted"], "het.aggregation"),
+    (["server.robust.rule=trimmed_mean"], "server.robust.rule"),
+    (["server.robust.rule=krum"], "server.robust.rule"),
+    (["server.robust.max_norm_x_median=3"], "server.robust.max_norm_x_median"),
+])
+def test_dp_refuses_rules_its_noise_does_not_cover(items, field):
+    dp = ["dp.enabled=true", "dp.clip=1", "dp.noise_multiplier=0.5"]
+    load_config(None, [i for i in items if "dp" not in i])  # fine without DP
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*dp, *items])
+    assert str(e.value).startswith(field + ":"), str(e.value)
+    # what does compose: zero_pad, plain mean, an absolute norm bound
+    load_config(None, [*dp, "method.name=hetlora", "model.rank=4", "het.r_base=2",
+                       "server.robust.max_norm=5"])
+
+
+def test_krum_needs_a_cohort_of_2f_plus_3():
+    with pytest.raises(ConfigError, match="^server.robust.byzantine: krum tolerates"):
+        load_config(None, ["server.robust.rule=krum", "server.robust.byzantine=4"])
+    assert load_config(None, ["server.robust.rule=multi_krum", "server.robust.byzantine=3",
+                              "server.robust.keep=5"]).server.robust.keep == 5
+    with pytest.raises(ConfigError, match="^server.robust.keep: only applies to multi_krum"):
+        load_config(None, ["server.robust.keep=5"])
