@@ -510,7 +510,7 @@ def _validate_dp_composition(cfg: Config) -> None:
     _check(not cfg.server.weighted, "server.weighted",
            "weights by dataset size depend on the clients' data; user-level DP weights every "
            "user equally (set server.weighted=false with dp.enabled)")
-    if cfg.method.name == "hetlora":
+    if cfg.method.name in ("hetlora", "all_lowest_tier", "highest_tier_only"):
         _check(cfg.het.aggregation == "zero_pad", "het.aggregation",
                f"{cfg.het.aggregation} divides or weights by who took part (their ranks or "
                "update norms), which the DP noise does not cover; use zero_pad with dp.enabled")

@@ -336,39 +336,50 @@ class RunLock:
 
     Uses ``fcntl.flock``: the kernel releases it when the owner exits or is killed, so a
     stale lock left by a dead process is simply taken over. A second live process (or a
-    second Simulation in the same process) is refused with the owner's PID."""
+    second Simulation in the same process) is refused with the owner's PID. The lock is
+    also released when this object is garbage-collected (its file is closed)."""
 
     def __init__(self, out: Path):
         self.path = Path(out) / LOCK
-        self._fd: int | None = None
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
 
     def acquire(self) -> RunLock:
         import fcntl
 
+        if self._file is not None:
+            return self
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            f = open(self.path, "a+b")  # noqa: SIM115 (held open: the lock lives with it)
         except OSError as e:
             raise _write_error(self.path, e) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            f.seek(0)
+            owner = f.read(64).decode(errors="replace").strip() or "unknown"
+            f.close()
             raise RunDirError(f"{self.path.parent} is in use by another fedlora process "
                               f"(PID {owner}, lock {self.path}); wait for it to finish or stop "
                               "it first (nothing was changed)") from None
-        stale = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        f.seek(0)
+        stale = f.read(64).decode(errors="replace").strip()
         if stale and stale != str(os.getpid()):
             log.info("%s: taking over the lock left by PID %s, which is gone", self.path, stale)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n".encode())
+        f.flush()
+        self._file = f
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
