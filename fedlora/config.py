@@ -41,6 +41,7 @@ class TaskConfig:
     # Per-client held-out split, carved from each client's training examples (stratified,
     # fixed by the seed); 0 = none. Needed by eval.personalized (docs/personalization.md).
     local_test_fraction: float = 0.0
+    on_bad_rows: str = "error"  # error | skip: a malformed data row stops the run or is counted
 
 
 @dataclass
@@ -85,6 +86,19 @@ class ClientConfig:
 
 
 @dataclass
+class RobustConfig:
+    """Robust aggregation (docs/reliability.md): a norm bound, then a robust rule."""
+
+    rule: str = "mean"  # mean (the method's own rule) | trimmed_mean | median | krum | multi_krum
+    max_norm: float = math.inf  # absolute l2 bound on an update (inf = none)
+    max_norm_x_median: float | None = None  # bound as a multiple of the cohort's median norm
+    norm_action: str = "reject"  # reject | clip: what happens to an update above the bound
+    trim: float = 0.1  # trimmed_mean: fraction cut from each end of every coordinate
+    byzantine: int = 1  # krum / multi_krum: f, the number of attackers tolerated
+    keep: int | None = None  # multi_krum: m updates averaged (None = n - f)
+
+
+@dataclass
 class ServerConfig:
     optimizer: str = "fedadam"  # fedavg | fedadam | fedyogi | fedadagrad
     lr: float = 1e-2  # paper Appendix B.4 (20NewsGroups, Reddit)
@@ -94,6 +108,7 @@ class ServerConfig:
     bias_correction: bool = True  # the paper's Algorithm 1 instantiates torch Adam
     weight_decay: float = 0.0  # decoupled (AdamW-style); reference code used 0.01
     weighted: bool = False  # weight client updates by dataset size
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
 
 @dataclass
@@ -178,7 +193,10 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the resolved config atomically (a kill never leaves a torn config.yaml)."""
+        from fedlora.rundir import write_text
+
+        write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------- building
@@ -228,7 +246,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return list(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise ConfigError(f"{key}: expected {base}, got {value!r}") from None
     return value
 
@@ -246,11 +264,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         name = _coerce(data.get("name", MethodConfig.name), "str", f"{prefix}.name")
         return MethodConfig(name, {k: _parse_number(v) for k, v in data.items() if k != "name"})
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"unknown config key '{where}{unknown[0]}' (valid: {', '.join(sorted(known))})"
+            f"unknown config key {where + str(unknown[0])!r} (valid: {', '.join(sorted(known))})"
         )
     kwargs = {}
     for name, f in known.items():
@@ -259,7 +277,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if is_dataclass(sub):
-            kwargs[name] = _build(type(sub), data[name] or {}, key)
+            kwargs[name] = _build(type(sub), {} if data[name] is None else data[name], key)
         else:
             kwargs[name] = _coerce(data[name], f.type, key)
     return cls(**kwargs)
@@ -271,7 +289,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: '{p}' is not a section")
+            raise ConfigError(f"--set {dotted}: '{p}' is set to a value, not a section")
     node[parts[-1]] = value
 
 
@@ -282,7 +300,15 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        if not all(part.isidentifier() for part in key.strip().split(".")):
+            raise ConfigError(f"--set {key!r}: the key must be dotted field names, e.g. "
+                              "method.d_up=1/4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or type(e).__name__)
+            raise ConfigError(f"--set {key.strip()}: value {raw!r} is not valid YAML "
+                              f"({problem})") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -308,9 +334,19 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+            where = getattr(e, "problem_mark", None)
+            line = f" line {where.line + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"config: {p}{line} is not valid YAML ({problem})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config: cannot read {p} ({e})") from None
+        if data is None:
+            data = {}  # an empty file: the defaults
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {p} must hold a mapping of config keys, "
+                              f"got {type(data).__name__} {data!r:.40}")
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     cfg = _build(Config, _merge(data, over), "")
     validate(cfg)
@@ -442,6 +478,7 @@ def validate(cfg: Config) -> None:
     if cfg.comm.max_bytes is not None:
         _check(cfg.comm.max_bytes >= 16, "comm.max_bytes", "must be >= 16")
     _validate_personal(cfg)
+    _validate_general(cfg)
 
 
 def _validate_personal(cfg: Config) -> None:
@@ -458,3 +495,78 @@ def _validate_personal(cfg: Config) -> None:
         _check(f > 0, "eval.personalized",
                "needs each client's local test split: set task.local_test_fraction > 0 "
                "(e.g. 0.2)")
+
+
+# ---------------------------------------------------------------- general fields
+# Rules that apply across sections: finite numbers, the seed's range, settings that would
+# silently do nothing, data-row handling and robust aggregation (docs/reliability.md).
+
+# Float fields where inf means "no bound"; every other float must be finite, and no float NaN.
+INF_ALLOWED = frozenset({"dp.clip", "server.robust.max_norm"})
+ROBUST_RULES = ("mean", "trimmed_mean", "median", "krum", "multi_krum")
+
+
+def _float_fields(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    out = []
+    for f in fields(obj):
+        key = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out += _float_fields(value, key + ".")
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
+
+
+def _validate_general(cfg: Config) -> None:
+    for key, value in _float_fields(cfg):
+        _check(not math.isnan(value), key, "must be a number, got nan")
+        if key not in INF_ALLOWED:
+            _check(math.isfinite(value), key, f"must be finite, got {value}")
+    _check(0 <= cfg.seed < 2**63, "seed", f"must be an integer in [0, 2**63), got {cfg.seed}")
+    _check(cfg.dp.enabled or cfg.dp.noise_multiplier == 0, "dp.noise_multiplier",
+           f"is {cfg.dp.noise_multiplier} but dp.enabled=false, so no noise would be added "
+           "and the run would not be private; set dp.enabled=true or dp.noise_multiplier=0")
+    _check(cfg.task.on_bad_rows in ("error", "skip"), "task.on_bad_rows",
+           f"must be error or skip, got {cfg.task.on_bad_rows!r}")
+    r = cfg.server.robust
+    _check(r.rule in ROBUST_RULES, "server.robust.rule",
+           f"must be one of {', '.join(ROBUST_RULES)}, got {r.rule!r}")
+    _check(r.max_norm > 0, "server.robust.max_norm", f"must be > 0 (inf = none), got {r.max_norm}")
+    if r.max_norm_x_median is not None:
+        _check(r.max_norm_x_median > 0, "server.robust.max_norm_x_median",
+               f"must be > 0 or null, got {r.max_norm_x_median}")
+    _check(r.norm_action in ("reject", "clip"), "server.robust.norm_action",
+           f"must be reject or clip, got {r.norm_action!r}")
+    _check(0.0 <= r.trim < 0.5, "server.robust.trim", f"must be in [0, 0.5), got {r.trim}")
+    _check(r.byzantine >= 0, "server.robust.byzantine", f"must be >= 0, got {r.byzantine}")
+    if r.keep is not None:
+        _check(r.keep >= 1, "server.robust.keep", f"must be >= 1 or null, got {r.keep}")
+        _check(r.rule == "multi_krum", "server.robust.keep", "only applies to multi_krum")
+    if r.rule in ("krum", "multi_krum") and cfg.sampling == "fixed":
+        _check(cfg.clients_per_round >= 2 * r.byzantine + 3, "server.robust.byzantine",
+               f"{r.rule} tolerates f attackers only with a cohort of at least 2f + 3 "
+               f"(clients_per_round={cfg.clients_per_round}, f={r.byzantine})")
+    _validate_dp_composition(cfg)
+
+
+def _validate_dp_composition(cfg: Config) -> None:
+    """What DP composes with (docs/privacy.md): the Gaussian mechanism's sensitivity is C
+    only while each client moves the noised sum by at most C and nothing else depends on
+    who took part. Rules that break that are refused, never silently ignored."""
+    if not cfg.dp.enabled:
+        return
+    _check(not cfg.server.weighted, "server.weighted",
+           "weights by dataset size depend on the clients' data; user-level DP weights every "
+           "user equally (set server.weighted=false with dp.enabled)")
+    if cfg.method.name in ("hetlora", "all_lowest_tier", "highest_tier_only"):
+        _check(cfg.het.aggregation == "zero_pad", "het.aggregation",
+               f"{cfg.het.aggregation} divides or weights by who took part (their ranks or "
+               "update norms), which the DP noise does not cover; use zero_pad with dp.enabled")
+    r = cfg.server.robust
+    _check(r.rule == "mean", "server.robust.rule",
+           f"{r.rule} selects or reorders updates by their values, so one client can move "
+           "the aggregate by more than dp.clip; only an absolute norm bound composes with DP")
+    _check(r.max_norm_x_median is None, "server.robust.max_norm_x_median",
+           "a bound relative to the cohort's median norm lets one client change another's "
+           "clipping; use server.robust.max_norm (absolute) with dp.enabled")

@@ -15,6 +15,7 @@ flat vector swapped into it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from fedlora.protocol import ClientResult, ClientTask
 from fedlora.rng import np_rng, torch_generator, torch_seed
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
+from fedlora.server.robust import robust_select
 from fedlora.tasks import build_task, check_name
 
 log = logging.getLogger("fedlora")
@@ -102,24 +104,42 @@ class ClientRunner:
         self._decoded: tuple | None = None  # (payload, mask, received, positions)
 
     def run_many(self, tasks: list[ClientTask]) -> list[ClientResult | str]:
-        """Each client's reply, or a string saying why it has none.
+        """Each client's reply, or a string saying why it has none (`run_safely`).
 
         With `lockstep` K > 1, consecutive clients with the same local-training settings
         train in chunks of K through one forward/backward (fedlora/client/lockstep.py);
         where that cannot run (the method or task), one after another, said once in the
         log. The replies are the same either way up to float rounding, except that dropout
-        draws from one stream per chunk instead of one per client."""
+        draws from one stream per chunk instead of one per client. A chunk in which a client
+        fails is rerun one client at a time, so only that client is dropped."""
         k = lockstep_chunk(self.lockstep, len(tasks), self.device)
         if k <= 1 or not self._lockstep_possible():
-            return [self.run(ct) for ct in tasks]
+            return [self.run_safely(ct) for ct in tasks]
         out: list[ClientResult | str] = []
         chunk: list[ClientTask] = []
         for ct in tasks:
             if chunk and (len(chunk) == k or ct.train != chunk[0].train):
-                out += self._run_chunk(chunk)
+                out += self._run_chunk_safely(chunk)
                 chunk = []
             chunk.append(ct)
-        return out + (self._run_chunk(chunk) if chunk else [])
+        return out + (self._run_chunk_safely(chunk) if chunk else [])
+
+    def run_safely(self, ct: ClientTask) -> ClientResult | str:
+        """`run`, with a client's own failures turned into the reason it has no reply: a
+        download it cannot decode, local training that diverged, an upload it cannot encode
+        (e.g. beyond the float16 range). Bugs and MemoryError still propagate."""
+        try:
+            return self.run(ct)
+        except codec.CodecError as e:
+            return f"its payload failed to encode or decode: {e}"
+        except FloatingPointError as e:
+            return f"local training failed: {e}"
+
+    def _run_chunk_safely(self, chunk: list[ClientTask]) -> list[ClientResult | str]:
+        try:
+            return list(self._run_chunk(chunk))
+        except (codec.CodecError, FloatingPointError):
+            return [self.run_safely(ct) for ct in chunk]
 
     def run(self, ct: ClientTask) -> ClientResult:
         half, start, batches = self.prepare(ct)
@@ -267,13 +287,18 @@ class RoundServer:
         # Test hook: rewrite a client's upload bytes (e.g. corrupt them) before decoding.
         self.tamper: Callable[[int, int, bytes], bytes] | None = None
         self._down: tuple | None = None  # this round's download, see _download
+        self._unsent: dict[int, str] = {}  # this round's clients whose download was refused
+        self._reasons: dict[int, str] = {}  # this round's dropped clients -> why
         self.bar = None
+        self.lock = rundir.RunLock(self.out)  # one writer per run directory
         if resume:
+            self.lock.acquire()
             self._restore()
         else:
             self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
             cfg.save(self.out / "config.yaml")
-            (self.out / "layout.json").write_text(self.adapter.layout_json())
+            rundir.write_text(self.out / "layout.json", self.adapter.layout_json())
 
     @property
     def finished(self) -> bool:
@@ -289,7 +314,25 @@ class RoundServer:
         cohort = [int(c) for c in self.sample(t)]
         self.method.begin_round(self.P, t)
         self.method.cohort_sampled(t, cohort)
-        return t, [self.instruction(t, c) for c in cohort]
+        self._unsent = {}
+        tasks = []
+        for c in cohort:
+            ct = self.instruction(t, c)
+            reason = self._oversized(ct)
+            if reason is None:
+                tasks.append(ct)
+            else:  # a client refuses a payload above comm.max_bytes: never sent, dropped
+                self._unsent[c] = reason
+                log.warning("round %d: dropped client %d, %s", t, c, reason)
+        return t, tasks
+
+    def _oversized(self, ct: ClientTask) -> str | None:
+        limit = self.cfg.comm.max_bytes
+        for name, payload in ct.payloads.items():
+            if limit is not None and len(payload) > limit:
+                return (f"its {name!r} download of {len(payload)} bytes exceeds "
+                        f"comm.max_bytes={limit}")
+        return None
 
     def instruction(self, t: int, c: int) -> ClientTask:
         cfg, m = self.cfg, self.method
@@ -308,25 +351,26 @@ class RoundServer:
                     results: list[ClientResult | str]) -> dict:
         """Decode every reply, aggregate, step, evaluate and record round t."""
         cfg = self.cfg
-        updates, weights, dropped, losses, done = [], [], [], [], []
+        updates, weights, losses, done = [], [], [], []
+        self._reasons = dict(self._unsent)
         for ct, res in zip(tasks, results):
             decoded = self.receive(ct, res)
             if decoded is None:
                 if not self.method.communicates and not isinstance(res, str):
                     losses.append(res.stats["train_loss"])  # trained; nothing to aggregate
-                    continue
-                dropped.append(ct.client)
                 continue
             done.append(ct.client)
             updates.append(decoded)
             weights.append(res.stats["num_examples"])
             losses.append(res.stats["train_loss"])
+        dropped = list(self._reasons)  # refused downloads first, then in cohort order
         self.dp_round: dict = {}
-        g = self.aggregate(t, updates, weights, done)
-        if g is not None:
-            self.server.step(self.P, g, self.method.step_mask(t))
+        updates, weights, done, robust_g, rejected = self.screen(t, updates, weights, done)
+        g = self.guarded_aggregate(t, updates, weights, done, robust_g, rejected)
+        skipped = None if g is None else self.guarded_step(t, g)
         self.method.end_round(self.P, t)
-        row = {"round": t, "clients": len(tasks), "aggregated": len(updates),
+        row = {"round": t, "clients": len(tasks) + len(self._unsent),
+               "aggregated": len(updates),
                "upload_bytes": self.ledger.round_upload,
                "download_bytes": self.ledger.round_download,
                "cum_upload_bytes": self.ledger.cum_upload,
@@ -334,6 +378,11 @@ class RoundServer:
                "train_loss": float(np.mean(losses)) if losses else None}
         if dropped:
             row["dropped"] = dropped
+            row["dropped_reasons"] = {str(c): self._reasons[c] for c in dropped}
+        if rejected:
+            row["rejected"] = {str(c): why for c, why in rejected.items()}
+        if skipped:
+            row["step_skipped"] = skipped
         row.update(self.dp_round)
         row["wall_s"] = time.perf_counter() - self._start
         if t % cfg.eval_every == 0 or t == cfg.rounds:
@@ -361,6 +410,7 @@ class RoundServer:
         if isinstance(res, str):  # no reply: the client's download still crossed the wire
             self.ledger.record(t, c, upload=0, download=ct.nbytes)
             log.warning("round %d: dropped client %d: %s", t, c, res)
+            self._reasons[c] = res
             return None
         up = res.upload if self.tamper is None else self.tamper(t, c, res.upload)
         self.ledger.record(t, c, upload=len(up), download=ct.nbytes)
@@ -376,7 +426,69 @@ class RoundServer:
             except codec.CodecError as e:
                 reason = f"its upload failed to decode: {e}"
         log.warning("round %d: dropped client %d, %s", t, c, reason)
+        self._reasons[c] = reason
         return None
+
+    # ---------------------------------------------------------------- robust aggregation
+
+    def screen(self, t: int, updates: list[torch.Tensor], weights: list[int], clients: list[int]):
+        """server.robust: the norm bound, then the rule (docs/reliability.md). Returns the
+        updates, weights and clients the method's rule should average, the rule's own
+        aggregate (trimmed mean / median) or None, and {client: reason} for the rejected."""
+        r = self.cfg.server.robust
+        if (r.rule == "mean" and math.isinf(r.max_norm) and r.max_norm_x_median is None) \
+                or not updates:
+            return updates, weights, clients, None, {}
+        out = robust_select(updates, rule=r.rule, max_norm=r.max_norm,
+                            x_median=r.max_norm_x_median, norm_action=r.norm_action,
+                            trim=r.trim, byzantine=r.byzantine, keep=r.keep)
+        rejected = {clients[i]: why for i, why in sorted(out.rejected.items())}
+        for c, why in rejected.items():
+            log.warning("round %d: rejected client %d's update: %s", t, c, why)
+        return (out.updates, [weights[i] for i in out.kept], [clients[i] for i in out.kept],
+                out.aggregate, rejected)
+
+    def guarded_aggregate(self, t: int, updates: list[torch.Tensor], weights: list[int],
+                          clients: list[int], robust_g: torch.Tensor | None,
+                          rejected: dict[int, str]) -> torch.Tensor | None:
+        """The pseudo-gradient, never non-finite: while it is, the update with the largest
+        norm is rejected (finite updates can still overflow a sum) and it is recomputed."""
+        updates, weights, clients = list(updates), list(weights), list(clients)
+        while True:
+            g = robust_g if robust_g is not None else self.aggregate(t, updates, weights,
+                                                                      clients)
+            if g is None or bool(torch.isfinite(g).all()):
+                return g
+            if not updates:  # nothing left to blame (cannot happen: noise alone is finite)
+                log.warning("round %d: non-finite pseudo-gradient; no step", t)
+                return None
+            worst = max(range(len(updates)), key=lambda i: (_norm(updates[i]), -i))
+            c = clients.pop(worst)
+            updates.pop(worst)
+            weights.pop(worst)
+            rejected[c] = "its update made the pseudo-gradient non-finite"
+            log.warning("round %d: rejected client %d's update: %s", t, c, rejected[c])
+            robust_g = None if robust_g is None else self._robust_again(updates)
+
+    def _robust_again(self, updates: list[torch.Tensor]) -> torch.Tensor | None:
+        if not updates:
+            return None
+        r = self.cfg.server.robust
+        return robust_select(updates, rule=r.rule, trim=r.trim).aggregate
+
+    def guarded_step(self, t: int, g: torch.Tensor) -> str | None:
+        """The server step, undone if it would make P non-finite (P is never non-finite);
+        returns why it was undone, else None."""
+        before = self.P.clone(), {k: v.clone() for k, v in self.server.state_tensors().items()}
+        steps = self.server.step_count
+        self.server.step(self.P, g, self.method.step_mask(t))
+        if bool(torch.isfinite(self.P).all()):
+            return None
+        self.P.copy_(before[0])
+        self.server.load_state(before[1], steps)
+        why = "the server step would make P non-finite; P and the optimizer state kept"
+        log.warning("round %d: %s", t, why)
+        return why
 
     def _download(self, mask: torch.Tensor | None, values: str, implicit: bool) -> bytes:
         """The download payload. P does not move within a round and encoding is
@@ -413,6 +525,8 @@ class RoundServer:
         """The pseudo-gradient: a plain (weighted) mean, or DP's clip-sum-noise-divide."""
         dp = self.cfg.dp
         if dp.enabled:  # noise even when nobody answered: an empty round must not show
+            updates = [self.method.dp_contribution(u, c, self.P)
+                       for u, c in zip(updates, clients or [])] if updates else updates
             g, info = privatize(updates, clip_norm=dp.clip, noise_multiplier=dp.noise_multiplier,
                                 generator=torch_generator(self.cfg.seed, "dp_noise", t,
                                                           device=self.device),
@@ -497,6 +611,18 @@ class RoundServer:
         rundir.save_checkpoint(self.out, tensors, meta)
 
     def _restore(self) -> None:
+        layout = self.out / "layout.json"
+        if layout.exists() and layout.read_text() != self.adapter.layout_json():
+            raise rundir.RunDirError(
+                f"{layout} does not match this model's adapter layout (another model.name, "
+                "rank or target_modules?); nothing was changed")
+        if not rundir.has_checkpoint(self.out):  # killed before its first checkpoint
+            log.warning("%s has no checkpoint yet: starting again from round 0", self.out)
+            for name in ("metrics.jsonl", "ledger.jsonl"):
+                rundir.truncate_jsonl(self.out / name, 0)
+            if not layout.exists():
+                rundir.write_text(layout, self.adapter.layout_json())
+            return
         tensors, meta = rundir.load_checkpoint(self.out)
         if meta["n"] != self.n:
             raise rundir.RunDirError(f"checkpoint has n={meta['n']}, this model n={self.n}")
@@ -534,12 +660,16 @@ class RoundServer:
         }
         if self.cfg.dp.enabled:
             summary["privacy"] = self.privacy(self.round).to_dict()
-        rundir.write_json(self.out / "summary.json", summary)
-        from safetensors.torch import save_file
+        summary["rejected_updates"] = sum(len(r.get("rejected", {})) for r in rows)
+        if getattr(self.task, "bad_rows", None):
+            summary["bad_rows"] = self.task.bad_rows
+        from safetensors.torch import save
 
         self.adapter.load_(self.P)
-        save_file({e.name: self.P[e.slice].view(e.shape).detach().cpu().contiguous()
-                   for e in self.adapter.layout}, str(self.out / "adapter.safetensors"))
+        rundir.write_bytes(self.out / "adapter.safetensors", save(
+            {e.name: self.P[e.slice].view(e.shape).detach().cpu().contiguous()
+             for e in self.adapter.layout}))
+        rundir.write_json(self.out / "summary.json", summary)  # last: marks the run finished
         return summary
 
 
@@ -577,16 +707,19 @@ class Simulation(RoundServer):
         cfg = self.cfg
         bar = tqdm(total=cfg.rounds, initial=self.round, disable=not self.progress,
                    desc=f"{cfg.method.name} r={cfg.model.rank}", unit="round", leave=False)
-        while not self.finished:
-            t, tasks = self.open_round()
-            results = self.runner.run_many(tasks)
-            row = self.close_round(t, tasks, results)
-            if self.task.utility in row:
-                bar.set_postfix({self.task.utility: f"{row[self.task.utility]:.3f}",
-                                 "up": f"{self.ledger.cum_upload / 1e6:.1f}MB"})
-            bar.update(1)
-        bar.close()
-        return self.write_summary()
+        try:
+            while not self.finished:
+                t, tasks = self.open_round()
+                results = self.runner.run_many(tasks)
+                row = self.close_round(t, tasks, results)
+                if self.task.utility in row:
+                    bar.set_postfix({self.task.utility: f"{row[self.task.utility]:.3f}",
+                                     "up": f"{self.ledger.cum_upload / 1e6:.1f}MB"})
+                bar.update(1)
+            bar.close()
+            return self.write_summary()
+        finally:
+            self.lock.release()
 
     def client_round(self, t: int, c: int) -> tuple[torch.Tensor | None, dict]:
         """One client's whole exchange in round t (benchmarks time this): instruction,
@@ -623,6 +756,12 @@ class Simulation(RoundServer):
 def run(cfg: Config, out: str | Path, **kw) -> dict:
     """Run `cfg` into run directory `out` and return its summary."""
     return Simulation(cfg, out, **kw).run()
+
+
+def _norm(u: torch.Tensor) -> float:
+    """l2 norm in float64 (inf/nan sort as the largest)."""
+    x = float(torch.linalg.vector_norm(u.double()))
+    return math.inf if math.isnan(x) else x
 
 
 def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

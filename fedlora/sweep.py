@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from fedlora import rundir
 from fedlora.config import load_config
 from fedlora.engine import Simulation
 from fedlora.report.runs import choose_metric, load_run
@@ -46,11 +48,11 @@ def run_point(config: str | Path | None, overrides: list[str], out: Path,
     summary_path = out / "summary.json"
     if summary_path.exists() and json.loads(summary_path.read_text()).get("finished"):
         return json.loads(summary_path.read_text())
-    if (out / "checkpoint.json").exists():
+    if rundir.has_checkpoint(out):
         return Simulation.resume(out, progress=progress).run()
     if (out / "metrics.jsonl").exists():  # died before its first checkpoint: start over
         for f in out.iterdir():
-            f.unlink()
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
     cfg = load_config(config, overrides)
     return Simulation(cfg, out, progress=progress).run()
 

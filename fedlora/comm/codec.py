@@ -686,20 +686,19 @@ def decode_sparse(
     """(int64 positions, float32 values) of a payload for a vector of expected length ``n``.
 
     Raises :class:`CodecError` if the payload is malformed, corrupted, larger than
-    ``max_bytes`` or describes a vector of another length; never anything else.
+    ``max_bytes`` or describes a vector of another length. Nothing a sender controls raises
+    anything else; ``MemoryError`` and internal bugs propagate unchanged.
     """
     n = _as_int(n, "expected n")
-    try:
-        lay = _parse(payload, max_bytes)
-        if lay.n != n:
-            raise CodecError(f"payload is for n={lay.n}, receiver expects n={n}")
-        buf = memoryview(payload).cast("B")
-        positions = _decode_positions(buf, lay)
-        vals = _decode_values(buf, lay)
-    except CodecError:
-        raise
-    except Exception as exc:  # defence in depth: the contract is CodecError only
-        raise CodecError(f"internal error while decoding: {type(exc).__name__}: {exc}") from exc
+    # No catch-all here: every malformed input is caught by an explicit check and raised as
+    # CodecError; anything else (MemoryError, a bug in this module) propagates as itself, so
+    # a decoder bug is never mistaken for a bad client.
+    lay = _parse(payload, max_bytes)
+    if lay.n != n:
+        raise CodecError(f"payload is for n={lay.n}, receiver expects n={n}")
+    buf = memoryview(payload).cast("B")
+    positions = _decode_positions(buf, lay)
+    vals = _decode_values(buf, lay)
     pos = torch.arange(n) if positions is None else torch.from_numpy(positions)
     return pos, torch.from_numpy(vals)
 
@@ -720,12 +719,7 @@ def header(payload: bytes) -> dict:
     ``position_bits`` / ``value_bits`` are the exact stream lengths; ``*_bytes`` include
     sub-headers and padding, so header + positions + values + crc == total.
     """
-    try:
-        lay = _parse(payload, None)
-    except CodecError:
-        raise
-    except Exception as exc:
-        raise CodecError(f"internal error while parsing: {type(exc).__name__}: {exc}") from exc
+    lay = _parse(payload, None)
     fmt = VALUE_FORMATS[lay.val_id]
     pos_sub = {_POS_GOLOMB: _GOLOMB_SUB.size, _POS_ENUM: _ENUM_SUB.size}.get(lay.pos_id, 0)
     val_sub = _BLOCK_SUB.size if fmt in _QUANT_LEVELS else 0

@@ -158,6 +158,12 @@ class Server:
         """A method-specific pseudo-gradient (rank-heterogeneous padding); None = mean."""
         return None
 
+    def dp_contribution(self, update: torch.Tensor, client: int,
+                        P: torch.Tensor) -> torch.Tensor:
+        """The client's update as the DP mechanism clips it: the per-client term this
+        method's rule averages (docs/privacy.md). Default: the decoded update itself."""
+        return update
+
     def step_mask(self, round_: int) -> torch.Tensor | None:
         """Entries the server optimizer may change this round (None = all). Entries outside
         keep their value and their optimizer state, e.g. Federated Select's unselected ones."""

@@ -191,6 +191,12 @@ class HetLoRA(Server):
             rule = "zero_pad"
         return padded_pseudo_gradient(rule, updates, masks, p, P)
 
+    def dp_contribution(self, update, client, P):
+        """zero_pad per client (the only rule DP allows here): the ranks this client did not
+        train count as proposing 0, the `P * ~m` term of `aggregate`, so DP clips exactly
+        the term the rule averages and one client moves the sum by at most C."""
+        return update + P * ~self.mask_for_rank(self.rank_of(client))
+
     def eval_vectors(self, P):
         return {f"tier{b}": P * self.mask_for_rank(tier_rank(b, self.cfg.het.r_base))
                 for b in range(1, self.cfg.het.tiers)}  # the top tier's model is P itself

@@ -6,16 +6,25 @@ from pathlib import Path
 
 from fedlora.config import Config
 from fedlora.model.backbone import MissingResource, minilm_dir, resolve
+from fedlora.tasks._text_common import BadRows, read_checked
 from fedlora.tasks.base import Examples, resolve_device
 from fedlora.tasks.text import TextClassification
 
 READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def read_table(path: str | None, required: tuple[str, ...], optional: tuple[str, ...] = ()):
-    """A pandas DataFrame with the required columns checked, naming the file and column."""
-    import pandas as pd
+def read_table(path: str | None, required: tuple[str, ...], optional: tuple[str, ...] = (),
+               *, on_bad_rows: str = "error", nonempty: tuple[str, ...] = ()):
+    """A pandas DataFrame with every row checked (see :func:`read_table_checked`)."""
+    return read_table_checked(path, required, optional, on_bad_rows=on_bad_rows,
+                              nonempty=nonempty)[0]
 
+
+def read_table_checked(path: str | None, required: tuple[str, ...],
+                       optional: tuple[str, ...] = (), *, on_bad_rows: str = "error",
+                       nonempty: tuple[str, ...] = ()) -> tuple[object, BadRows]:
+    """(DataFrame, skipped-row report): a bad row raises naming the file, line/row and column,
+    or with ``on_bad_rows="skip"`` is counted and left out (fedlora/tasks/_text_common.py)."""
     if not path:
         raise MissingResource("task.path: this task reads a local file; set task.path=FILE")
     p = Path(path).expanduser()
@@ -25,31 +34,31 @@ def read_table(path: str | None, required: tuple[str, ...], optional: tuple[str,
     if kind is None:
         raise ValueError(f"task.path: unsupported file type '{p.suffix}' "
                          f"(valid: {', '.join(READERS)})")
-    if kind == "json":
-        df = pd.read_json(p, lines=p.suffix.lower() == ".jsonl")
-    elif kind == "csv":
-        df = pd.read_csv(p)
-    else:
-        df = pd.read_parquet(p)
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise ValueError(f"task.path: {p} lacks column(s) {missing} "
-                         f"(has: {list(df.columns)})")
-    bad = df[list(required)].isna().any(axis=1)
-    if bad.any():
-        raise ValueError(f"task.path: {p} row {int(bad.idxmax())} has an empty "
-                         f"{[c for c in required if df[c].isna().any()][0]!r}")
-    keep = [c for c in (*required, *optional) if c in df.columns]
-    return df[keep]
+    return read_checked(p, kind, required, optional, on_bad_rows=on_bad_rows, nonempty=nonempty)
 
 
-def load_examples(path: str | None) -> Examples:
-    df = read_table(path, ("text", "label"), ("client",))
+def load_examples(path: str | None, on_bad_rows: str = "error") -> Examples:
+    df, bad = read_table_checked(path, ("text", "label"), ("client",), on_bad_rows=on_bad_rows,
+                                 nonempty=("text",))
+    check_classes(path, df["label"].tolist(), bad)
     clients = df["client"].astype(str).tolist() if "client" in df.columns else None
-    return Examples(df["text"].astype(str).tolist(), df["label"].tolist(), clients)
+    examples = Examples(df["text"].astype(str).tolist(), df["label"].tolist(), clients)
+    examples.bad_rows = bad.to_dict()  # reported in the log and summary.json
+    return examples
+
+
+def check_classes(path: str | None, labels: list, bad: BadRows) -> None:
+    """A classification file needs at least two classes (after skipped rows)."""
+    classes = {str(x) for x in labels}
+    if len(classes) < 2:
+        skipped = f" after skipping {bad.count} bad row(s)" if bad.count else ""
+        raise ValueError(f"task.path: {path} column 'label' has only one class "
+                         f"({next(iter(classes), None)!r}){skipped}; a classifier needs two")
 
 
 def build(cfg: Config) -> TextClassification:
-    examples = load_examples(cfg.task.path)
+    examples = load_examples(cfg.task.path, cfg.task.on_bad_rows)
     backbone = resolve(cfg.model.name, minilm_dir() if cfg.model.name is None else None)
-    return TextClassification(cfg, examples, backbone, resolve_device(cfg.device))
+    task = TextClassification(cfg, examples, backbone, resolve_device(cfg.device))
+    task.bad_rows = examples.bad_rows  # the engine copies it into summary.json
+    return task
