@@ -98,8 +98,10 @@ def search(config: str | Path | None, ranks: Sequence[int], densities: Sequence[
     bar = tqdm(desc="search trials", unit="run", disable=not progress)
 
     def trial(rank: int, d_up: float) -> TrialResult:
-        over = [*overrides, f"model.rank={rank}", f"method.d_up={_fraction(d_up)}",
-                "method.name=" + ("lora" if d_up >= 1 else "flasc")]
+        dense = d_up >= 1  # dense LoRA, which has no density setting of its own
+        over = [*[o for o in overrides if not (dense and o.startswith("method.d_"))],
+                f"model.rank={rank}", "method.name=" + ("lora" if dense else "flasc"),
+                *([] if dense else [f"method.d_up={_fraction(d_up)}"])]
         run_dir = out / "trials" / f"r{rank}-d{_fraction(d_up).replace('/', '_')}"
         run_point(config, over, run_dir)
         bar.update(1)

@@ -120,8 +120,10 @@ def test_random_yaml_configs_fail_only_with_one_line_config_errors(tmp_path_fact
     (["server.robust.trim=0.5"], "server.robust.trim"),
 ])
 def test_section0_config_defects_are_refused_naming_the_field(items, field):
+    from fedlora.engine import resolve_config  # method settings are the method's to check
+
     with pytest.raises(ConfigError) as e:
-        load_config(None, items)
+        resolve_config(load_config(None, items))
     assert str(e.value).startswith(field), str(e.value)
     assert "\n" not in str(e.value)
 
