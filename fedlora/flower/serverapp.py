@@ -1,0 +1,193 @@
+"""The Flower ServerApp: fedlora's server half driving SuperNodes through the Grid.
+
+Each round: `RoundServer.open_round()` samples the cohort exactly as the in-process
+`Simulation` does and returns one `ClientTask` per sampled client; each task goes as a
+`train` Message to the SuperNode holding that client; replies are pulled until all are
+in or `round-timeout` passes; `close_round` aggregates what decoded. A client whose
+node is gone, silent, errored or whose reply does not decode is dropped with a reason
+naming its node. Replies that arrive for an earlier round are ignored and counted.
+
+Which node holds which client: a `query` message to every new node, answered with its
+`partition-id` (see `fedlora.flower.settings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.config import Config, load_config
+from fedlora.engine import RoundServer
+from fedlora.flower.records import message_nbytes, read_result, task_content
+from fedlora.flower.settings import ServerSettings
+from fedlora.protocol import ClientResult, ProtocolError
+
+log = logging.getLogger("fedlora.flower")
+
+QUERY_RECORD = "fedlora.node"  # the ClientApp's answer to a query (see clientapp.py)
+
+app = ServerApp()
+
+
+@dataclass
+class NodeDirectory:
+    """Which SuperNode holds which fedlora client."""
+
+    client_node: dict[int, int] = field(default_factory=dict)
+    asked: set[int] = field(default_factory=set)
+
+    def node_of(self, client: int) -> int | None:
+        return self.client_node.get(client)
+
+    def discover(self, grid: Grid, timeout: float, poll: float) -> None:
+        """Ask every node not asked yet which client it holds."""
+        new = [n for n in grid.get_node_ids() if n not in self.asked]
+        if not new:
+            return
+        self.asked.update(new)
+        msgs = [Message(RecordDict(), n, "query") for n in new]
+        for reply in _collect(grid, list(grid.push_messages(msgs)), timeout, poll):
+            src = reply.metadata.src_node_id
+            if reply.has_error() or QUERY_RECORD not in reply.content:
+                log.warning("node %d did not say which client it holds: %s", src,
+                            reply.error if reply.has_error() else "no record")
+                continue
+            c = int(reply.content[QUERY_RECORD]["partition-id"])
+            if c in self.client_node and self.client_node[c] != src:
+                log.warning("node %d also claims client %d (held by node %d); ignored",
+                            src, c, self.client_node[c])
+                continue
+            self.client_node[c] = src
+            log.info("node %d holds client %d", src, c)
+
+
+def _collect(grid: Grid, ids: list[str], timeout: float, poll: float,
+             stale: dict[str, tuple[int, int, int]] | None = None,
+             late: list[dict] | None = None) -> list[Message]:
+    """Pull replies to `ids` until all are in or `timeout`; drain `stale` ids too."""
+    want = {i for i in ids if i}
+    got: list[Message] = []
+    end = time.monotonic() + timeout
+    while want and time.monotonic() < end:
+        for reply in grid.pull_messages(sorted(want | set(stale or ()))):
+            rid = reply.metadata.reply_to_message_id
+            if stale is not None and rid in stale:
+                r, c, node = stale.pop(rid)
+                log.warning("ignored a late reply from node %d (client %d) for round %d",
+                            node, c, r)
+                if late is not None:
+                    late.append({"round": r, "client": c, "node": node})
+                continue
+            want.discard(rid)
+            got.append(reply)
+        if want:
+            time.sleep(poll)
+    return got
+
+
+def fedlora_config(s: ServerSettings) -> tuple[Config, Path, bool]:
+    """The run's Config, its directory, and whether it resumes from a checkpoint."""
+    cfg = s.fedlora_config()
+    out = Path(s.out) if s.out else None
+    if s.resume and out is not None and (out / "checkpoint.json").exists():
+        cfg = load_config(out / "config.yaml", list(s.overrides))
+        return cfg, out, True
+    return cfg, out, False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run fedlora's rounds over the connected SuperNodes."""
+    s = ServerSettings.from_run_config(context.run_config)
+    cfg, out, resume = fedlora_config(s)
+    out = out or Path("runs") / f"flower-{context.run_id}"
+    run_rounds(grid, cfg, out, s, resume=resume)
+
+
+def run_rounds(grid: Grid, cfg: Config, out: Path, s: ServerSettings, *,
+               resume: bool = False) -> dict:
+    """The round loop (ServerApp main without the run-config parsing)."""
+    server = RoundServer(cfg, out, resume=resume, progress=False)
+    handler = logging.FileHandler(Path(out) / "flower.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _rounds(grid, server, cfg, s)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _rounds(grid: Grid, server: RoundServer, cfg: Config, s: ServerSettings) -> dict:
+    nodes = NodeDirectory()
+    want = s.min_nodes or cfg.task.num_clients
+    end = time.monotonic() + s.node_wait
+    while True:
+        nodes.discover(grid, s.round_timeout, s.poll_interval)
+        if len(nodes.client_node) >= want or time.monotonic() > end:
+            break
+        time.sleep(max(s.poll_interval, 0.5))
+    log.info("%d SuperNodes hold clients %s", len(nodes.client_node),
+             sorted(nodes.client_node))
+    stale: dict[str, tuple[int, int, int]] = {}  # message id -> (round, client, node)
+    while server.round < cfg.rounds:
+        nodes.discover(grid, s.round_timeout, s.poll_interval)
+        t, tasks = server.open_round()
+        results, dropped, extra = exchange(grid, t, tasks, nodes, s, stale)
+        server.close_round(t, results, dropped, extra=extra)
+    return server.write_summary()
+
+
+def exchange(grid: Grid, t: int, tasks: list, nodes: NodeDirectory, s: ServerSettings,
+             stale: dict[str, tuple[int, int, int]]
+             ) -> tuple[list[ClientResult], dict[int, str], dict]:
+    """Send round t's tasks, collect replies; what decoded, who dropped, Flower bytes."""
+    dropped: dict[int, str] = {}
+    msgs, sent = [], {}
+    for ct in tasks:
+        node = nodes.node_of(ct.client)
+        if node is None:
+            dropped[ct.client] = "no connected SuperNode holds this client"
+            continue
+        msgs.append(Message(task_content(ct), node, "train", group_id=str(t)))
+    down = sum(message_nbytes(m) for m in msgs)
+    ids = list(grid.push_messages(msgs))
+    for mid, m, ct in zip(ids, msgs, [c for c in tasks if c.client not in dropped]):
+        if not mid:
+            dropped[ct.client] = f"node {m.metadata.dst_node_id}: push to SuperLink failed"
+            continue
+        sent[mid] = (ct.client, m.metadata.dst_node_id)
+    late: list[dict] = []
+    replies = _collect(grid, list(sent), s.round_timeout, s.poll_interval, stale, late)
+    results: list[ClientResult] = []
+    up = 0
+    for reply in replies:
+        c, node = sent.pop(reply.metadata.reply_to_message_id)
+        up += message_nbytes(reply)
+        if reply.has_error():
+            dropped[c] = f"node {node}: ClientApp error {reply.error.code}: {reply.error.reason}"
+        else:
+            try:
+                res = read_result(reply.content)
+                if (res.round, res.client) != (t, c):
+                    raise ProtocolError(f"reply is for round {res.round} client {res.client}")
+                results.append(res)
+                continue
+            except (ProtocolError, KeyError, TypeError, ValueError) as e:
+                dropped[c] = f"node {node}: unreadable reply: {e}"
+        log.warning("round %d: dropped client %d: %s", t, c, dropped[c])
+    for mid, (c, node) in sent.items():
+        dropped[c] = f"node {node}: no reply within {s.round_timeout:g}s"
+        log.warning("round %d: dropped client %d: %s", t, c, dropped[c])
+        stale[mid] = (t, c, node)
+    extra = {"flower_down_bytes": down, "flower_up_bytes": up,
+             "nodes": {str(c): n for c, n in sorted(nodes.client_node.items())}}
+    if late:
+        extra["late_replies"] = late
+    return results, dropped, extra
