@@ -166,6 +166,7 @@ class RoundServer:
                 clip_norm=d.clip, accountant=None if d.accountant == "auto" else d.accountant,
                 prefix="dp.")
         self.round = 0
+        self.drop_reasons: dict[int, str] = {}  # this round's dropped clients -> why
         # Test hook: rewrite a client's upload bytes (e.g. corrupt them) before decoding.
         self.tamper: Callable[[int, int, bytes], bytes] | None = None
         self._down: tuple | None = None  # this round's download, see _download
@@ -206,9 +207,11 @@ class RoundServer:
             up_values=cfg.comm.up_values or cfg.comm.values, down_values=values)
 
     def close_round(self, t: int, tasks: list[ClientTask],
-                    results: list[ClientResult | str]) -> dict:
-        """Decode every reply, aggregate, step, evaluate and record round t."""
+                    results: list[ClientResult | str], extra: dict | None = None) -> dict:
+        """Decode every reply, aggregate, step, evaluate and record round t. `extra`: a
+        driver's own fields for the metrics row (fedlora.flower: Flower message bytes)."""
         cfg = self.cfg
+        self.drop_reasons = {}
         updates, weights, dropped, losses, done = [], [], [], [], []
         for ct, res in zip(tasks, results):
             decoded = self.receive(ct, res)
@@ -232,7 +235,9 @@ class RoundServer:
                "train_loss": float(np.mean(losses)) if losses else None}
         if dropped:
             row["dropped"] = dropped
+            row["dropped_reasons"] = {str(c): self.drop_reasons[c] for c in dropped}
         row.update(self.dp_round)
+        row.update(extra or {})
         row["wall_s"] = time.perf_counter() - self._start
         if t % cfg.eval_every == 0 or t == cfg.rounds:
             row.update(self.evaluate())
@@ -253,6 +258,7 @@ class RoundServer:
         if isinstance(res, str):  # no reply: the client's download still crossed the wire
             self.ledger.record(t, c, upload=0, download=ct.nbytes)
             log.warning("round %d: dropped client %d: %s", t, c, res)
+            self.drop_reasons[c] = res
             return None
         up = res.upload if self.tamper is None else self.tamper(t, c, res.upload)
         self.ledger.record(t, c, upload=len(up), download=ct.nbytes)
@@ -263,6 +269,7 @@ class RoundServer:
             except codec.CodecError as e:
                 reason = f"its upload failed to decode: {e}"
         log.warning("round %d: dropped client %d, %s", t, c, reason)
+        self.drop_reasons[c] = reason
         return None
 
     def _download(self, mask: torch.Tensor | None, values: str, implicit: bool) -> bytes:

@@ -5,6 +5,8 @@ A `query` message asks which fedlora client this node holds (its `partition-id`)
 runs with `ClientRunner.run` on this node's own data and answers with the
 `ClientResult`. The node builds its model and data from the run's fedlora config
 (the same run config the ServerApp reads) plus its own node config (`data-path`).
+Client-held state (flora_stacking's merged update) stays on the node, in a `ClientStore`
+folder per run (`state_dir`).
 """
 
 from __future__ import annotations
@@ -44,21 +46,15 @@ def node_config_of(context: Context) -> tuple[Config, NodeSettings]:
     over = node.overrides()
     cfg = base
     if over:
-        data = base.to_dict() if hasattr(base, "to_dict") else _as_dict(base)
+        data = base.to_dict()
         data.setdefault("task", {}).update(over["task"])
         cfg = config_from_dict(data)
     return cfg, node
 
 
-def _as_dict(cfg: Config) -> dict:
-    from dataclasses import asdict
-
-    return asdict(cfg)
-
-
-def runner_for(cfg: Config, node: NodeSettings) -> ClientRunner:
-    """The cached ClientRunner holding this node's model and data."""
-    key = (json.dumps(_as_dict(cfg), sort_keys=True, default=str), node.partition_id)
+def runner_for(cfg: Config, node: NodeSettings, run: str) -> ClientRunner:
+    """The cached ClientRunner holding this node's model, data and client-held state."""
+    key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), node.partition_id)
     if key not in _RUNNERS:
         from fedlora.client.store import ClientStore
         from fedlora.engine import ClientRunner
@@ -72,11 +68,21 @@ def runner_for(cfg: Config, node: NodeSettings) -> ClientRunner:
         if not 0 <= node.partition_id < n:
             raise ConfigError(f"node config partition-id={node.partition_id} is not a "
                               f"client of this config (0..{n - 1})")
-        state = Path(os.environ.get("FEDLORA_FLOWER_STATE", "")
-                     or Path.home() / ".cache" / "fedlora" / "flower-clients")
-        store = ClientStore(state / f"client-{node.partition_id}")
-        _RUNNERS[key] = ClientRunner(cfg, task, store)
+        _RUNNERS[key] = ClientRunner(task, ClientStore(state_dir(node, run)))
     return _RUNNERS[key]
+
+
+def state_dir(node: NodeSettings, run: str) -> Path:
+    """Where this node keeps its client-held state (methods that have any, e.g.
+    flora_stacking): under `state-dir` from the node config, else $FEDLORA_FLOWER_STATE,
+    else ~/.cache/fedlora/flower; one folder per run (named by the run's `out`, so that a
+    resumed run finds it) and client."""
+    import hashlib
+
+    root = node.state_dir or os.environ.get("FEDLORA_FLOWER_STATE") or \
+        Path.home() / ".cache" / "fedlora" / "flower"
+    name = hashlib.sha256(run.encode()).hexdigest()[:16]
+    return Path(root) / name / f"client-{node.partition_id}"
 
 
 @app.query()
@@ -102,7 +108,11 @@ def train(msg: Message, context: Context) -> Message:
                             f"but was sent the task of client {ct.client}")
     if (secs := node.sleep_before(ct.round)) > 0:
         time.sleep(secs)
-    res = runner_for(cfg, node).run(ct)
+    out = str(context.run_config.get("out", "") or "")
+    runner = runner_for(cfg, node, out or f"run-{context.run_id}")
+    # Held state as of the end of an earlier round only: a resumed run may redo rounds.
+    runner.store.rollback(ct.round - 1)
+    res = runner.run(ct)
     if node.fault == "corrupt":
         res = corrupt(res)
     return Message(result_content(res), reply_to=msg)

@@ -25,7 +25,7 @@ from fedlora.config import Config, load_config
 from fedlora.engine import RoundServer
 from fedlora.flower.records import message_nbytes, read_result, task_content
 from fedlora.flower.settings import ServerSettings
-from fedlora.protocol import ClientResult, ProtocolError
+from fedlora.protocol import ClientResult, ClientTask, ProtocolError
 
 log = logging.getLogger("fedlora.flower")
 
@@ -115,18 +115,19 @@ def run_rounds(grid: Grid, cfg: Config, out: Path, s: ServerSettings, *,
     server = RoundServer(cfg, out, resume=resume, progress=False)
     handler = logging.FileHandler(Path(out) / "flower.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    root = logging.getLogger("fedlora")  # the engine's drops land in the same file
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     try:
         return _rounds(grid, server, cfg, s)
     finally:
-        log.removeHandler(handler)
+        root.removeHandler(handler)
         handler.close()
 
 
 def _rounds(grid: Grid, server: RoundServer, cfg: Config, s: ServerSettings) -> dict:
     nodes = NodeDirectory()
-    want = s.min_nodes or cfg.task.num_clients
+    want = s.min_nodes or len(server.task.data.clients)
     end = time.monotonic() + s.node_wait
     while True:
         nodes.discover(grid, s.round_timeout, s.poll_interval)
@@ -136,58 +137,63 @@ def _rounds(grid: Grid, server: RoundServer, cfg: Config, s: ServerSettings) -> 
     log.info("%d SuperNodes hold clients %s", len(nodes.client_node),
              sorted(nodes.client_node))
     stale: dict[str, tuple[int, int, int]] = {}  # message id -> (round, client, node)
-    while server.round < cfg.rounds:
+    while not server.finished:
         nodes.discover(grid, s.round_timeout, s.poll_interval)
         t, tasks = server.open_round()
-        results, dropped, extra = exchange(grid, t, tasks, nodes, s, stale)
-        server.close_round(t, results, dropped, extra=extra)
+        results, extra = exchange(grid, t, tasks, nodes, s, stale)
+        row = server.close_round(t, tasks, results, extra=extra)
+        for c, why in row.get("dropped_reasons", {}).items():
+            log.warning("round %d: dropped client %s (node %s): %s", t, c,
+                        extra["nodes"].get(c, "none"), why)
+        log.info("round %d: %d of %d clients aggregated", t, row["aggregated"], len(tasks))
     return server.write_summary()
 
 
-def exchange(grid: Grid, t: int, tasks: list, nodes: NodeDirectory, s: ServerSettings,
-             stale: dict[str, tuple[int, int, int]]
-             ) -> tuple[list[ClientResult], dict[int, str], dict]:
-    """Send round t's tasks, collect replies; what decoded, who dropped, Flower bytes."""
-    dropped: dict[int, str] = {}
+def exchange(grid: Grid, t: int, tasks: list[ClientTask], nodes: NodeDirectory,
+             s: ServerSettings, stale: dict[str, tuple[int, int, int]]
+             ) -> tuple[list[ClientResult | str], dict]:
+    """Send round t's tasks and collect the replies: per task its ClientResult or why it
+    has none, and the metrics row's Flower fields."""
+    results: dict[int, ClientResult | str] = {}
     msgs, sent = [], {}
     for ct in tasks:
         node = nodes.node_of(ct.client)
         if node is None:
-            dropped[ct.client] = "no connected SuperNode holds this client"
+            results[ct.client] = "no connected SuperNode holds this client"
             continue
-        msgs.append(Message(task_content(ct), node, "train", group_id=str(t)))
-    down = sum(message_nbytes(m) for m in msgs)
-    ids = list(grid.push_messages(msgs))
-    for mid, m, ct in zip(ids, msgs, [c for c in tasks if c.client not in dropped]):
-        if not mid:
-            dropped[ct.client] = f"node {m.metadata.dst_node_id}: push to SuperLink failed"
-            continue
-        sent[mid] = (ct.client, m.metadata.dst_node_id)
+        msgs.append((ct, Message(task_content(ct), node, "train", group_id=str(t))))
+    down = sum(message_nbytes(m) for _, m in msgs)
+    ids = list(grid.push_messages([m for _, m in msgs])) if msgs else []
+    for mid, (ct, m) in zip(ids, msgs):
+        node = m.metadata.dst_node_id
+        if mid:
+            sent[mid] = (ct.client, node)
+        else:
+            results[ct.client] = f"node {node}: push to the SuperLink failed"
     late: list[dict] = []
-    replies = _collect(grid, list(sent), s.round_timeout, s.poll_interval, stale, late)
-    results: list[ClientResult] = []
     up = 0
-    for reply in replies:
+    for reply in _collect(grid, list(sent), s.round_timeout, s.poll_interval, stale, late):
         c, node = sent.pop(reply.metadata.reply_to_message_id)
         up += message_nbytes(reply)
-        if reply.has_error():
-            dropped[c] = f"node {node}: ClientApp error {reply.error.code}: {reply.error.reason}"
-        else:
-            try:
-                res = read_result(reply.content)
-                if (res.round, res.client) != (t, c):
-                    raise ProtocolError(f"reply is for round {res.round} client {res.client}")
-                results.append(res)
-                continue
-            except (ProtocolError, KeyError, TypeError, ValueError) as e:
-                dropped[c] = f"node {node}: unreadable reply: {e}"
-        log.warning("round %d: dropped client %d: %s", t, c, dropped[c])
+        results[c] = _read_reply(reply, t, c, node)
     for mid, (c, node) in sent.items():
-        dropped[c] = f"node {node}: no reply within {s.round_timeout:g}s"
-        log.warning("round %d: dropped client %d: %s", t, c, dropped[c])
+        results[c] = f"node {node}: no reply within {s.round_timeout:g}s"
         stale[mid] = (t, c, node)
-    extra = {"flower_down_bytes": down, "flower_up_bytes": up,
-             "nodes": {str(c): n for c, n in sorted(nodes.client_node.items())}}
+    extra: dict = {"flower_down_bytes": down, "flower_up_bytes": up,
+                   "nodes": {str(ct.client): nodes.node_of(ct.client) for ct in tasks}}
     if late:
         extra["late_replies"] = late
-    return results, dropped, extra
+    return [results[ct.client] for ct in tasks], extra
+
+
+def _read_reply(reply: Message, t: int, c: int, node: int) -> ClientResult | str:
+    """The ClientResult a reply carries, or why it carries none (naming the node)."""
+    if reply.has_error():
+        return f"node {node}: ClientApp error {reply.error.code}: {reply.error.reason}"
+    try:
+        res = read_result(reply.content)
+    except (ProtocolError, ValueError, TypeError) as e:
+        return f"node {node}: unreadable reply: {e}"
+    if (res.round, res.client) != (t, c):
+        return f"node {node}: reply is for round {res.round} client {res.client}"
+    return res

@@ -20,6 +20,7 @@ first two for each virtual node):
 * `partition-id`: the fedlora client this node holds (its data partition).
 * `num-partitions`: must equal the config's number of clients.
 * `data-path`: this node's own data file/dir (replaces `task.path` on this node).
+* `state-dir`: where the node keeps client-held state (default ~/.cache/fedlora/flower).
 * `fault`: test hook: `corrupt` (reply garbage upload bytes), `sleep:S` (sleep S seconds
   before training), `sleep-round:R:S` (only in round R).
 """
@@ -83,6 +84,7 @@ class NodeSettings:
     partition_id: int
     num_partitions: int | None = None
     data_path: str | None = None
+    state_dir: str | None = None
     fault: str = ""
 
     @classmethod
@@ -100,6 +102,7 @@ class NodeSettings:
         path = nc.get("data-path")
         return cls(partition_id=pid, num_partitions=num,
                    data_path=str(Path(str(path)).expanduser()) if path else None,
+                   state_dir=str(nc["state-dir"]) if nc.get("state-dir") else None,
                    fault=str(nc.get("fault", "")))
 
     def overrides(self) -> dict[str, Any]:
