@@ -247,20 +247,17 @@ class Federation:
             argv += ["--auth-supernode-private-key", str(key)]
         return self.spawn(name or f"supernode-{partition}", argv)
 
-    def group_members(self, proc: Proc, needle: str) -> list[int]:
-        """PIDs in `proc`'s process group (children Flower spawned) whose command has needle."""
+    def children(self, proc: Proc, needle: str) -> list[int]:
+        """PIDs of `proc`'s descendants (processes Flower spawned for it, e.g. the
+        ServerApp under flower-superexec) whose command line contains `needle`."""
         pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == proc.pid:
-                continue
+        for pid in descendants(proc.pid):
             try:
-                stat = (d / "stat").read_text()
-                pgid = int(stat[stat.rindex(")") + 2:].split()[2])
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, ValueError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
                 continue
-            if pgid == proc.pid and needle in cmd:
-                pids.append(int(d.name))
+            if needle.encode() in cmd:
+                pids.append(pid)
         return pids
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -143,36 +143,40 @@ def wait_log(proc, needle: str, timeout: float) -> None:
 
 @pytest.mark.slow
 def test_faults_killed_corrupt_and_late(tmp_path, tiny_bert_dir):
-    """Node 1 is killed mid-round, node 2 replies corrupt bytes, node 3 replies too late."""
+    """Node 1 is killed mid-round, node 2 replies corrupt bytes, node 3 replies too late.
+
+    The round timeout must exceed a healthy ClientApp's cold start (a fresh process
+    imports torch and builds the model: tens of seconds on a loaded 2-core machine)."""
     data = users_file(tmp_path / "data.jsonl", 4)
     ovr = tiny_overrides(tiny_bert_dir, data, **FLASC, clients_per_round=4, rounds=3)
     out = tmp_path / "flower"
-    timeout = 12.0
+    timeout = 45.0
     with Federation(tmp_path / "fed") as fed:
-        start(fed, 4, {1: {"extra": 'fault="sleep:60"'}, 2: {"extra": 'fault="corrupt"'},
-                       3: {"extra": f'fault="sleep-round:1:{timeout + 4}"'}})
+        start(fed, 4, {1: {"extra": 'fault="sleep:600"'}, 2: {"extra": 'fault="corrupt"'},
+                       3: {"extra": f'fault="sleep-round:1:{timeout + 5}"'}})
         fed.run(run_config(ovr, out, **{"min-nodes": 4, "round-timeout": timeout}))
         victim = next(p for p in fed.procs if p.name == "supernode-1")
-        wait_log(victim, "Receiving: train", 120)
+        wait_log(victim, "Receiving: train", 300)
         victim.stop()
-        fed.wait_file(out / "summary.json", RUN_TIMEOUT)
+        fed.wait_file(out / "summary.json", RUN_TIMEOUT + 300)
     rows = read_jsonl(out / "metrics.jsonl")
     log = (out / "flower.log").read_text()
     node = rows[0]["nodes"]
+    assert [r["aggregated"] for r in rows][0] == 1 and rows[0]["dropped"] == [1, 2, 3]
     assert all(r["aggregated"] >= 1 for r in rows)  # client 0 every round
-    assert rows[0]["aggregated"] == 1 and rows[0]["dropped"] == [1, 2, 3]
     why = rows[0]["dropped_reasons"]
-    assert why["1"] == f"node {node['1']}: no reply within {timeout:g}s"
-    assert "failed to decode" in why["2"]  # the corrupt upload; its node is logged:
+    # The killed node: Flower reports it unavailable (missed heartbeats) or it never answers.
+    assert why["1"].startswith(f"node {node['1']}: ")
+    assert "Unavailable" in why["1"] or "no reply within" in why["1"]
+    assert "failed to decode" in why["2"]  # the corrupt upload; the log names its node:
     assert f"dropped client 2 (node {node['2']}): its upload failed to decode" in log
     assert why["3"] == f"node {node['3']}: no reply within {timeout:g}s"
-    for r in rows[1:]:  # the killed node stays dropped, the corrupt one too
+    for r in rows[1:]:  # the killed node and the corrupt one stay dropped
         assert {1, 2} <= set(r["dropped"])
     late = [x for r in rows[1:] for x in r.get("late_replies", [])]
     assert {"round": 1, "client": 3, "node": node["3"]} in late
     assert f"ignored a late reply from node {node['3']} (client 3) for round 1" in log
-    # The late round-1 reply was not aggregated: round 1 aggregated client 0 only, and
-    # every later row counts only replies of its own round.
+    # A late reply is never aggregated: each row counts only replies of its own round.
     assert all(r["aggregated"] + len(r.get("dropped", [])) == r["clients"] for r in rows)
 
 
@@ -189,7 +193,7 @@ def test_serverapp_killed_resumes_from_checkpoint(tmp_path, tiny_bert_dir):
         fed.run(run_config(ovr, out, **{"min-nodes": 3}))
         fed.wait_file(out / "checkpoint.json", RUN_TIMEOUT)
         link = fed.procs[0]
-        pids = fed.group_members(link, "flwr-serverapp")
+        pids = fed.children(link, "flwr-serverapp")
         assert pids, fed.logs()
         import os
         import signal

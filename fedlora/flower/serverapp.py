@@ -142,9 +142,11 @@ def _rounds(grid: Grid, server: RoundServer, cfg: Config, s: ServerSettings) -> 
         t, tasks = server.open_round()
         results, extra = exchange(grid, t, tasks, nodes, s, stale)
         row = server.close_round(t, tasks, results, extra=extra)
-        for c, why in row.get("dropped_reasons", {}).items():
-            log.warning("round %d: dropped client %s (node %s): %s", t, c,
-                        extra["nodes"].get(c, "none"), why)
+        for ct, res in zip(tasks, results):  # drops the server half decided: name the node
+            c = str(ct.client)
+            if not isinstance(res, str) and c in row.get("dropped_reasons", {}):
+                log.warning("round %d: dropped client %s (node %s): %s", t, c,
+                            extra["nodes"][c], row["dropped_reasons"][c])
         log.info("round %d: %d of %d clients aggregated", t, row["aggregated"], len(tasks))
     return server.write_summary()
 
