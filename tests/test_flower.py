@@ -148,9 +148,9 @@ def test_faults_killed_corrupt_and_late(tmp_path, tiny_bert_dir):
     The round timeout must exceed a healthy ClientApp's cold start (a fresh process
     imports torch and builds the model: tens of seconds on a loaded 2-core machine)."""
     data = users_file(tmp_path / "data.jsonl", 4)
-    ovr = tiny_overrides(tiny_bert_dir, data, **FLASC, clients_per_round=4, rounds=3)
+    ovr = tiny_overrides(tiny_bert_dir, data, **FLASC, clients_per_round=4)
     out = tmp_path / "flower"
-    timeout = 45.0
+    timeout = 90.0
     with Federation(tmp_path / "fed") as fed:
         start(fed, 4, {1: {"extra": 'fault="sleep:600"'}, 2: {"extra": 'fault="corrupt"'},
                        3: {"extra": f'fault="sleep-round:1:{timeout + 5}"'}})
@@ -162,8 +162,7 @@ def test_faults_killed_corrupt_and_late(tmp_path, tiny_bert_dir):
     rows = read_jsonl(out / "metrics.jsonl")
     log = (out / "flower.log").read_text()
     node = rows[0]["nodes"]
-    assert [r["aggregated"] for r in rows][0] == 1 and rows[0]["dropped"] == [1, 2, 3]
-    assert all(r["aggregated"] >= 1 for r in rows)  # client 0 every round
+    assert rows[0]["aggregated"] == 1 and rows[0]["dropped"] == [1, 2, 3]  # client 0 only
     why = rows[0]["dropped_reasons"]
     # The killed node: Flower reports it unavailable (missed heartbeats) or it never answers.
     assert why["1"].startswith(f"node {node['1']}: ")
