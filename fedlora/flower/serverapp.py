@@ -42,6 +42,7 @@ class NodeDirectory:
     asked: set[int] = field(default_factory=set)
 
     def node_of(self, client: int) -> int | None:
+        """The SuperNode holding `client` (None: no connected node does)."""
         return self.client_node.get(client)
 
     def discover(self, grid: Grid, timeout: float, poll: float) -> None:
