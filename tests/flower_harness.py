@@ -221,8 +221,8 @@ class Federation:
 
     def start_superlink(self) -> Proc:
         argv = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation",
-                "--database", str(self.root / "state.db")]
+                "--disable-runtime-dependency-installation"]  # state in memory: no
+        # SQLite file, whose lock timed out ("database is locked") on a loaded machine
         if self.tls:
             ca, cert, key = self.certs
             argv += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
