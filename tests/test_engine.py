@@ -117,6 +117,7 @@ def test_corrupted_upload_is_dropped_and_the_round_goes_on(tmp_path, tiny_bert_d
     summary = sim.run()
     rows = read_jsonl(tmp_path / "bad" / "metrics.jsonl")
     assert rows[0]["dropped"] == victims and rows[0]["aggregated"] == rows[0]["clients"] - 1
+    assert "failed to decode" in rows[0]["dropped_reasons"][str(victims[0])]
     assert summary["dropped_uploads"] == 1 and summary["finished"]
     # the corrupt payload's bytes still crossed the wire: they are counted
     assert rows[0]["upload_bytes"] == sum(

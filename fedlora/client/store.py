@@ -7,7 +7,8 @@ memory stays O(cohort) however large the population. Generations carry the round
 wrote them: resuming from a checkpoint of round R drops every generation newer than R
 (`rollback`), and a checkpoint of round R keeps, per client, only the newest generation at
 or before R (`commit`), so a resumed run sees exactly the state an uninterrupted one did.
-Nothing is pickled. In Flower the same state lives in the ClientApp's context (fedlora.flower).
+Nothing is pickled. On Flower each SuperNode keeps its own ClientStore folder
+(fedlora.flower.clientapp.state_dir).
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""fedlora's instruction and reply inside Flower records, and the Flower settings (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from conftest import tiny_overrides  # noqa: E402
+from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedlora.config import ConfigError, load_config  # noqa: E402
+from fedlora.engine import ClientRunner, RoundServer  # noqa: E402
+from fedlora.flower.records import (  # noqa: E402
+    RESULT_RECORD,
+    message_nbytes,
+    read_result,
+    read_task,
+    result_content,
+    task_content,
+)
+from fedlora.flower.settings import NodeSettings, ServerSettings  # noqa: E402
+from fedlora.protocol import ProtocolError  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _identity(monkeypatch):
+    """A Message outside a Flower process needs a run/node identity."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.mark.parametrize("extra", [
+    {"method.name": "flasc", "method.d_up": "1/4"},
+    {"method.name": "hetlora", "het.tiers": 3, "het.r_base": 2, "model.rank": 4},
+    {"method.name": "flora_stacking", "het.tiers": 3, "het.r_base": 2, "model.rank": 4},
+])
+def test_task_and_result_round_trip_through_messages(tmp_path, tiny_bert_dir, text_file,
+                                                     extra):
+    cfg = load_config(None, tiny_overrides(tiny_bert_dir, text_file, **extra))
+    server = RoundServer(cfg, tmp_path / "run", progress=False)
+    t, tasks = server.open_round()
+    runner = ClientRunner(server.task)
+    for ct in tasks:
+        msg = Message(task_content(ct), 7, "train")
+        assert read_task(msg.content) == ct
+        # Flower's framing: the message is bigger than the payloads it carries.
+        assert message_nbytes(msg) > ct.nbytes
+        res = runner.run(ct)
+        reply = Message(result_content(res), 7, "train")
+        assert read_result(reply.content) == res
+        assert message_nbytes(reply) > len(res.upload)
+
+
+def test_a_malformed_reply_names_the_field():
+    bad = RecordDict({RESULT_RECORD: ConfigRecord({"round": 1, "client": 2})})
+    with pytest.raises(ProtocolError, match="upload"):
+        read_result(bad)
+    with pytest.raises(ProtocolError, match="fedlora.task"):
+        read_task(RecordDict({"other": ConfigRecord({"x": 1})}))
+
+
+def test_run_config_carries_the_fedlora_config(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("rounds: 7\nmethod:\n  name: lora\n")
+    s = ServerSettings.from_run_config({
+        "config": str(yaml_file), "overrides": "model.rank=4 'method.d_up=1/8'",
+        "set.seed": 3, "set.dp.enabled": False, "round-timeout": 5.0})
+    cfg = s.fedlora_config()
+    assert (cfg.rounds, cfg.method.name, cfg.model.rank, cfg.seed) == (7, "lora", 4, 3)
+    assert cfg.method.d_up == 1 / 8 and s.round_timeout == 5.0 and not cfg.dp.enabled
+    with pytest.raises(ConfigError, match="round-timeout"):
+        ServerSettings.from_run_config({"round-timeout": 0})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        ServerSettings.from_run_config({"overrides": "methd.name=x"}).fedlora_config()
+
+
+def test_node_config():
+    n = NodeSettings.from_node_config({"partition-id": 2, "num-partitions": 5,
+                                       "data-path": "/data/x.jsonl",
+                                       "fault": "sleep-round:1:2.5"})
+    assert (n.partition_id, n.num_partitions) == (2, 5)
+    assert n.overrides() == {"task": {"path": "/data/x.jsonl"}}
+    assert n.sleep_before(1) == 2.5 and n.sleep_before(2) == 0
+    with pytest.raises(ConfigError, match="partition-id"):
+        NodeSettings.from_node_config({"num-partitions": 5})
