@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedlora import rundir
+from fedlora import hooks, rundir  # [hf-hook]
 from fedlora.comm import codec
 from fedlora.comm.ledger import Ledger
 from fedlora.config import Config, config_from_dict
@@ -131,12 +131,15 @@ class Simulation:
             self.round = t
             rundir.append_jsonl(self.out / "ledger.jsonl", self.ledger.rows)
             rundir.append_jsonl(self.out / "metrics.jsonl", [row])
+            hooks.round_end(self, row)  # [hf-hook] sinks (log.*) + best round's adapter
             every = cfg.checkpoint_every or cfg.eval_every
             if t % every == 0 or t == cfg.rounds:
                 self.checkpoint()
             bar.update(1)
         bar.close()
-        return self.write_summary()
+        summary = self.write_summary()
+        hooks.run_end(self)  # [hf-hook] close sinks, export RUN/export (fedlora.export)
+        return summary
 
     def client_round(self, t: int, c: int) -> tuple[torch.Tensor | None, dict]:
         """Download, train and upload for client c; returns what the server decoded."""

@@ -49,7 +49,41 @@ def load_examples(path: str | None) -> Examples:
     return Examples(df["text"].astype(str).tolist(), df["label"].tolist(), clients)
 
 
+def load_task_examples(cfg: Config) -> Examples:
+    """`task.path` as a file or a `datasets` folder, with the configured column names."""
+    from fedlora.tasks.hf_datasets import (
+        FILE_SUFFIXES,
+        check_columns,
+        hub_name_error,
+        is_dataset_folder,
+        read_dataset_folder,
+    )
+
+    t = cfg.task
+    text, label, client = t.text_column, t.label_column, t.client_column
+    if t.path and is_dataset_folder(t.path):
+        df, is_test = read_dataset_folder(t.path, t.split)
+        check_columns(df, str(t.path), [text, label],
+                      {text: "task.text_column", label: "task.label_column"})
+    else:
+        if t.path and not Path(t.path).expanduser().exists() \
+                and Path(t.path).suffix.lower() not in FILE_SUFFIXES:
+            raise hub_name_error(t.path)
+        if t.split is not None:
+            raise ValueError("task.split: only a datasets folder (save_to_disk) has splits; "
+                             f"{t.path} is a file")
+        if (text, label, client) == ("text", "label", "client"):
+            return load_examples(t.path)
+        try:
+            df = read_table(t.path, (text, label), (client,))
+        except ValueError as e:  # name the config field that chose the missing column
+            raise ValueError(f"{e}; set task.text_column / task.label_column") from None
+        is_test = None
+    clients = df[client].astype(str).tolist() if client in df.columns else None
+    return Examples(df[text].astype(str).tolist(), df[label].tolist(), clients, is_test)
+
+
 def build(cfg: Config) -> TextClassification:
-    examples = load_examples(cfg.task.path)
+    examples = load_task_examples(cfg)
     backbone = resolve(cfg.model.name, minilm_dir() if cfg.model.name is None else None)
     return TextClassification(cfg, examples, backbone, resolve_device(cfg.device))
