@@ -25,8 +25,9 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert_dir):
     """One finished text-file run through the Python API, shared by the tests below."""
-    import fedlora
     from conftest import make_text_file
+
+    import fedlora
 
     d = tmp_path_factory.mktemp("pred")
     data = make_text_file(d / "data.jsonl")
