@@ -4,7 +4,7 @@ Install with `pip install 'fedlora[log]'`. Every numeric field of a metrics row 
 step = round: byte counts under `bytes/`, everything else under `metrics/`; the task's
 utility is also logged under `vs_upload_bytes/` with step = cumulative upload bytes, so
 TensorBoard can draw utility against bytes. MLflow gets the same scalars (keys as in
-metrics.jsonl) and the flattened config as parameters, in a local file store RUN/mlruns.
+metrics.jsonl) and the flattened config as parameters, in a local store RUN/mlflow.db.
 When mlflow is not installed the run goes on without it and says so once.
 """
 
@@ -70,14 +70,23 @@ class TensorBoardSink:
         self.writer.close()
 
 
+def tracking_uri(out: Path) -> str:
+    """The run's local MLflow store: RUN/mlflow.db (SQLite, MLflow's default local backend;
+    its file store is deprecated), artifacts under RUN/mlruns. `mlflow ui --backend-store-uri`
+    this URI shows it."""
+    return f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
+
+
 class MLflowSink:
-    """An MLflow run in the local file store RUN/mlruns (experiment `fedlora`)."""
+    """An MLflow run in the local store RUN/mlflow.db (experiment `fedlora`)."""
 
     def __init__(self, out: Path, config: dict, resume: bool):
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+        mlflow.set_tracking_uri(tracking_uri(out))
+        if mlflow.get_experiment_by_name("fedlora") is None:
+            mlflow.create_experiment("fedlora", (out / "mlruns").resolve().as_uri())
         mlflow.set_experiment("fedlora")
         id_file = out / "mlflow_run_id"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
