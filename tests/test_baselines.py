@@ -1,7 +1,7 @@
 """Each baseline's defining property, checked on real payloads of tiny end-to-end runs.
 
-A `Wire` spy records every payload the engine encodes (download, then upload, per
-client) with the method's mask at that moment, and a training spy checks that local
+A `Wire` spy records every instruction and reply of the protocol (download, then upload,
+per client) with the server's mask at that moment, and a training spy checks that local
 SGD with momentum never moves an entry outside the gradient mask.
 """
 
@@ -33,22 +33,17 @@ class Wire:
 
     def __init__(self, sim: Simulation, monkeypatch):
         self.sim, self.down, self.up = sim, [], []
-        download, send = sim._download, sim._send
+        run = sim.runner.run
 
-        def spy_down(*args, **kw):
-            payload, received = download(*args, **kw)
+        def spy(ct):  # the protocol's instruction and reply are the wire
             mask = getattr(sim.method, "mask", None)
-            self.down.append((sim.round + 1, payload, None if mask is None else mask.clone()))
-            return payload, received
+            self.down.append((ct.round, ct.payloads["down"],
+                              None if mask is None else mask.clone()))
+            result = run(ct)
+            self.up.append(result.upload)
+            return result
 
-        def spy_send(v, *args, **kw):
-            payload = send(v, *args, **kw)
-            if v is not sim.P:  # downloads are recorded per client by spy_down
-                self.up.append(payload)
-            return payload
-
-        monkeypatch.setattr(sim, "_download", spy_down)
-        monkeypatch.setattr(sim, "_send", spy_send)
+        monkeypatch.setattr(sim.runner, "run", spy)
 
     def pairs(self) -> list[tuple[int, bytes, bytes, torch.Tensor | None]]:
         """(round, download, upload, mask) per client, in engine order."""
@@ -78,7 +73,7 @@ def values_only(payload: bytes, mask: torch.Tensor) -> bool:
 
 def spy_training(sim: Simulation) -> list[torch.Tensor]:
     """Wrap local training: entries outside the grad mask must not move; returns start vectors."""
-    starts, train = [], sim._train
+    starts, train = [], sim.runner.train
 
     def wrapped(batches, grad_mask, penalty=None):
         start = sim.adapter.vector.clone()
@@ -90,7 +85,7 @@ def spy_training(sim: Simulation) -> list[torch.Tensor]:
         starts.append(start)
         return stats
 
-    sim._train = wrapped
+    sim.runner.train = wrapped
     return starts
 
 

@@ -76,13 +76,13 @@ def test_stage1_sends_only_w_then_stage2_only_lora(tmp_path, tiny_bert_dir, text
     sim = _sim(tmp_path, f"d{density}", tiny_bert_dir, text_file, rounds=3,
                **{**TWO_STAGE, "method.stage1_density": density})
     m = sim.method
-    masks, rows, upload_mask = [], [], m.client_upload_mask
+    masks, rows, upload_mask = [], [], m.upload_mask
 
-    def spy_mask(delta, t, c):
-        masks.append((t, upload_mask(delta, t, c)))
+    def spy_mask(t, c):  # the mask the server decodes each values-only upload with
+        masks.append((t, upload_mask(t, c)))
         return masks[-1][1]
 
-    m.client_upload_mask = spy_mask
+    m.upload_mask = spy_mask
     m.end_round = lambda P, t: rows.append((t, P.clone()))
     seen = _spy(sim)
     P0 = sim.P.clone()
@@ -109,7 +109,7 @@ def test_stage1_lr_steps_w_with_its_own_learning_rate(tmp_path, tiny_bert_dir, t
     seen, P0 = _spy(sim), sim.P.clone()
     sim.run()
     m = sim.method
-    g = sum(sim._receive(b, m.stage1_mask, True) for b in seen.values()) / len(seen)
+    g = sum(sim._receive(b, m.stage1_mask) for b in seen.values()) / len(seen)
     head = m.stage1_mask & ~m.w_mask
     assert g[m.w_mask].abs().max() > 1e-5  # 0.01 g and 0.5 g differ by far more than 1e-8
     assert torch.allclose(sim.P[m.w_mask], (P0 - 0.01 * g)[m.w_mask], rtol=0, atol=1e-8)
@@ -148,7 +148,7 @@ def test_stacking_merges_the_exact_weighted_sum(tmp_path, tiny_bert_dir, text_fi
         assert (R * (out_f + in_f) < out_f * in_f) == (layout == "stacked")
         expected = torch.zeros(out_f, in_f, dtype=torch.float64)
         for c, r in zip(clients, ranks):
-            trained = P0 - sim._receive(seen[(1, c)], m.mask_for_rank(r), True)
+            trained = P0 - sim._receive(seen[(1, c)], m.mask_for_rank(r))
             B, A = view(trained, ly.B)[:, :r].double(), view(trained, ly.A)[:r].double()
             expected += s / len(clients) * B @ A
         W = view(sim.P, ly.W).double()

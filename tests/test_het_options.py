@@ -12,8 +12,9 @@ from conftest import tiny_overrides
 
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
-from fedlora.methods.base import Method
-from fedlora.methods.hetlora import HetLoRA, lora_pairs
+from fedlora.methods.base import Client, Server
+from fedlora.methods.hetlora import HetLoRA, HetLoRAClient, lora_pairs, model_tail_norm
+from fedlora.protocol import ClientTask
 from fedlora.rundir import read_jsonl
 from fedlora.server import hetero
 
@@ -41,16 +42,24 @@ def _values(sim: Simulation, r: int) -> int:
 
 
 def _spy_ranks(sim: Simulation) -> dict[tuple[int, int], tuple[int, int]]:
-    """(round, client) -> (rank trained, rank after client_done)."""
-    seen, done = {}, sim.method.client_done
+    """(round, client) -> (rank trained, rank after the server received the reply)."""
+    seen, receive = {}, sim.method.receive
 
-    def spy(t, c, start, trained, stats):
+    def spy(t, c, stats):
         before = sim.method.rank_of(c)
-        done(t, c, start, trained, stats)
+        reason = receive(t, c, stats)
         seen[t, c] = (before, sim.method.rank_of(c))
+        return reason
 
-    sim.method.client_done = spy
+    sim.method.receive = spy
     return seen
+
+
+def _client(sim: Simulation, c: int, t: int = 1) -> HetLoRAClient:
+    """The client half of client c, built from its instruction alone."""
+    task = ClientTask(round=t, client=c, seed=sim.cfg.seed, method="hetlora", n=sim.n,
+                      train={}, options=sim.method.options(t, c), payloads={"down": b""})
+    return HetLoRAClient(task, sim.adapter, sim.task.initial_vector, {})
 
 
 # ------------------------------------------------------------------ the penalty
@@ -81,11 +90,11 @@ def test_method_penalty_reaches_the_flat_gradient(tmp_path, tiny_bert_dir, text_
     sim = _sim(tmp_path, "pen", tiny_bert_dir, text_file, **{**PRUNE, "het.prune_lambda": 0.3})
     top = int(np.flatnonzero(sim.method.tiers == 3)[0])  # rank 4: tail 2..3
     low = int(np.flatnonzero(sim.method.tiers == 1)[0])  # rank 1: nothing to prune
-    assert sim.method.local_penalty(1, low) is None
+    assert _client(sim, low).penalty() is None
     P = torch.randn(sim.n, generator=torch.Generator().manual_seed(0))
     sim.adapter.load_(P)
     sim.adapter.zero_grad()
-    sim.method.local_penalty(1, top)().backward()
+    _client(sim, top).penalty()().backward()
     want = torch.zeros(sim.n)
     for (A, B), (gA, gB) in zip(lora_pairs(sim.adapter, P), lora_pairs(sim.adapter, want)):
         a, b = A[2:4].norm(), B[:, 2:4].norm()
@@ -102,22 +111,35 @@ def test_self_pruning_rule_and_floor(tmp_path, tiny_bert_dir, text_file):
     m = sim.method
     c = int(np.flatnonzero(m.tiers == 3)[0])
     start = torch.randn(sim.n, generator=torch.Generator().manual_seed(1))
-    stats = {"train_loss": 1.0, "first_loss": 1.0}
+
+    def prune(t, trained) -> int:
+        """The client decides, the server records what it reported."""
+        stats = {"train_loss": 1.0, "first_loss": 1.0}
+        _client(sim, c, t).done(start, trained, stats)
+        assert m.receive(t, c, stats) is None
+        return stats["rank"]
+
     assert m.rank_of(c) == 4
-    m.client_done(1, c, start, 1.5 * start, stats)  # tail grew: keep the rank
-    assert m.rank_of(c) == 4
-    m.client_done(1, c, start, start.clone(), stats)  # unchanged is not "below": keep
-    assert m.rank_of(c) == 4
-    m.client_done(1, c, start, 0.9 * start, stats)  # tail shrank: floor(4 / 2)
-    assert m.rank_of(c) == 2 and m.model_tail_norm(0.9 * start, 4) < m.model_tail_norm(start, 4)
-    m.client_done(2, c, start, 0.9 * start, stats)
-    assert m.rank_of(c) == 1
-    m.client_done(3, c, start, 0.0 * start, stats)  # never below the lowest tier's rank
-    assert m.rank_of(c) == 1 == m.r_min
+    assert prune(1, 1.5 * start) == 4 == m.rank_of(c)  # tail grew: keep the rank
+    assert prune(1, start.clone()) == 4 == m.rank_of(c)  # unchanged is not "below": keep
+    assert prune(1, 0.9 * start) == 2 == m.rank_of(c)  # tail shrank: floor(4 / 2)
+    assert (model_tail_norm(sim.adapter, 0.9 * start, 4, 0.5, 1)
+            < model_tail_norm(sim.adapter, start, 4, 0.5, 1))
+    assert prune(2, 0.9 * start) == 1 == m.rank_of(c)
+    assert prune(3, 0.0 * start) == 1 == m.rank_of(c) == m.r_min  # never below the floor
     low = int(np.flatnonzero(m.tiers == 1)[0])
-    m.client_done(1, low, start, 0.0 * start, stats)
-    assert m.rank_of(low) == 1
+    stats = {"train_loss": 1.0, "first_loss": 1.0}
+    _client(sim, low).done(start, 0.0 * start, stats)
+    assert stats["rank"] == 1 and m.receive(1, low, stats) is None and m.rank_of(low) == 1
     assert m.state_json()["ranks"][c] == 1
+
+
+def test_server_refuses_a_rank_it_never_gave(tmp_path, tiny_bert_dir, text_file):
+    sim = _sim(tmp_path, "liar", tiny_bert_dir, text_file, **PRUNE)
+    m = sim.method
+    c = int(np.flatnonzero(m.tiers == 3)[0])
+    assert "reported rank 3" in m.receive(1, c, {"rank": 3, "first_loss": 1.0})
+    assert m.rank_of(c) == 4  # nothing recorded
 
 
 def test_pruned_rank_helper():
@@ -158,10 +180,13 @@ def test_self_prune_off_is_bit_identical(tmp_path, tiny_bert_dir, text_file, mon
     whose method has the base (pre-extras) hooks, and nothing new in the checkpoint."""
     extra = {"rounds": 3, "het.aggregation": "sparsity_weighted"}
     new = _sim(tmp_path, "new", tiny_bert_dir, text_file, **extra)
-    assert new.method.local_penalty(1, 1) is None and new.method.state_json() == {}
+    assert _client(new, 1).penalty() is None and new.method.state_json() == {}
     new.run()
-    for hook in ("cohort_sampled", "local_penalty", "client_done", "state_json", "load_state"):
-        monkeypatch.setattr(HetLoRA, hook, getattr(Method, hook))
+    for hook in ("cohort_sampled", "state_json", "load_state"):
+        monkeypatch.setattr(HetLoRA, hook, getattr(Server, hook))
+    monkeypatch.setattr(HetLoRA, "receive", lambda self, t, c, stats: None)
+    monkeypatch.setattr(HetLoRAClient, "penalty", Client.penalty)
+    monkeypatch.setattr(HetLoRAClient, "done", Client.done)
     monkeypatch.setattr(HetLoRA, "rank_of",  # the tier rule as it was before the extras
                         lambda self, c: hetero.tier_rank(int(self.tiers[c]), self.cfg.het.r_base))
     old = _sim(tmp_path, "old", tiny_bert_dir, text_file, **extra)

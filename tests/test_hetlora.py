@@ -35,7 +35,7 @@ def _spy_round(sim):
     trained = {}
     for c, payload in seen.items():
         m = sim.method.mask_for_rank(sim.method.rank_of(c))
-        delta = sim._receive(payload, m, True)
+        delta = sim._receive(payload, m)
         trained[c] = (P0 * m - delta, sim.method.rank_of(c))
     return P0, trained
 

@@ -1,10 +1,11 @@
-"""Method registry: each method is one small file saying what differs from FLASC's loop."""
+"""Method registry: each method is one small file with a server half and a client half
+saying only what differs from dense LoRA (fedlora/methods/base.py)."""
 
 from __future__ import annotations
 
 from fedlora.methods.adapter_lth import AdapterLTH
 from fedlora.methods.backbone import SPDST, FederatedSelectBackbone, FedSparsify, FullFinetune
-from fedlora.methods.base import Method
+from fedlora.methods.base import Client, Server
 from fedlora.methods.federated_select import FederatedSelect
 from fedlora.methods.ffa_lora import FFALoRA
 from fedlora.methods.flasc import FLASC
@@ -14,7 +15,7 @@ from fedlora.methods.lora import LoRA
 from fedlora.methods.sparse_adapter import SparseAdapter
 from fedlora.methods.stacking import FLoRAStacking
 
-METHODS: dict[str, type[Method]] = {
+METHODS: dict[str, type[Server]] = {
     "flasc": FLASC,
     "lora": LoRA,
     "adapter_lth": AdapterLTH,
@@ -33,6 +34,8 @@ METHODS: dict[str, type[Method]] = {
     "flora_stacking": FLoRAStacking,
 }
 
+__all__ = ["METHODS", "Client", "Server", "build_method"]
 
-def build_method(cfg, adapter) -> Method:
+
+def build_method(cfg, adapter) -> Server:
     return METHODS[cfg.method.name](cfg, adapter)

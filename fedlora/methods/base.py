@@ -1,48 +1,130 @@
-"""The per-round hooks a method may change. The defaults are dense federated LoRA.
+"""A method is two halves that talk only through the protocol (fedlora/protocol.py).
 
-A method answers four questions each round (DESIGN.md): what is downloaded,
-what the client may train, what is uploaded, and what happens to the server
-vector after the optimizer step. A mask of None means "everything".
+`Server` decides, each round: who may be sampled, what each client is told (`options`) and
+sent (`download_mask`, `extra_payloads`), how replies are aggregated, which entries the
+server optimizer may step, and what happens at round boundaries. `Client` is built from one
+`ClientTask` alone (plus the client's own seeded model init and, where a method documents
+it, its client-held state) and decides the start vector, the training mask, a local penalty,
+a post-training hook and the upload mask. The defaults of both are dense federated LoRA;
+a method says only what differs. A mask of None means "everything".
+
+Implicit positions: when both ends can derive a mask (a rank in the instruction, the
+positions of this round's download, a fixed function of the layout), payloads carry values
+only. The server says so with `down_implicit`/`upload_mask`, the client with
+`down_mask`/`up_implicit`; both compute the mask with the same function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from fedlora.config import Config
 from fedlora.model.flat import FlatAdapter
+from fedlora.protocol import ClientTask
+
+
+class Client:
+    """The client half. `state` is the client-held state it loaded (empty for stateless
+    methods); `save_state` returns what it keeps for later rounds (None: nothing)."""
+
+    def __init__(self, task: ClientTask, adapter: FlatAdapter, init: torch.Tensor,
+                 state: dict[str, torch.Tensor]):
+        self.task, self.adapter, self.init, self.state = task, adapter, init, state
+        self.options = task.options
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Derive what the instruction implies (masks from a rank, a stage, the layout)."""
+
+    def down_mask(self) -> torch.Tensor | None:
+        """The mask of a values-only download (derived here), or None: positions travel."""
+        return None
+
+    def start(self, received: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """The vector the client starts from, given what it decoded (`positions`: the entries
+        the download carried, None = all)."""
+        return received
+
+    def train_mask(self) -> torch.Tensor | None:
+        return None
+
+    def penalty(self) -> Callable[[], torch.Tensor] | None:
+        """A term added to every local step's loss (HetLoRA's tail norm); it must read the
+        model's parameters, not copies, so its gradient reaches the flat gradient buffer."""
+        return None
+
+    def done(self, start: torch.Tensor, trained: torch.Tensor, stats: dict[str, Any]) -> None:
+        """After local training, before the upload mask (a rank self-prune adds to `stats`).
+        `trained` is the live adapter vector: copy what you keep."""
+
+    def upload_mask(self, delta: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    up_implicit: ClassVar[bool] = False  # the server knows the upload mask: values only
+
+    def save_state(self) -> dict[str, torch.Tensor] | None:
+        return None
 
 
 @dataclass
-class Method:
+class Server:
+    """The server half; the defaults are dense federated LoRA."""
+
     cfg: Config
     adapter: FlatAdapter
+    client: ClassVar[type[Client]] = Client
     # True: the task builds the model without LoRA and trains every backbone weight
-    # (sparse-backbone baselines); read by `fedlora.model.lora.add_lora`.
+    # (sparse-backbone baselines). True: the adapted weights W join the flat vector too.
     trains_backbone: ClassVar[bool] = False
+    trains_target_weights: ClassVar[bool] = False
 
-    def setup(self, data) -> None:
-        """Called once with the FederatedData (e.g. to assign budget tiers to clients)."""
+    def __post_init__(self) -> None:
+        """Work that needs only the config and the layout (fixed masks)."""
+
+    def setup(self, num_clients: int) -> None:
+        """Called once with the population size (e.g. to assign budget tiers)."""
+
+    def eligible(self, clients: np.ndarray) -> np.ndarray:
+        """The sampleable clients (e.g. only the highest tier); default: all non-empty."""
+        return clients
 
     def begin_round(self, P: torch.Tensor, round_: int) -> None:
-        """Round-boundary work on the server vector (pruning schedules)."""
+        """Round-boundary work on the server vector (pruning schedules, stage switches)."""
 
-    def download_mask(self, P: torch.Tensor, round_: int) -> torch.Tensor | None:
+    def cohort_sampled(self, round_: int, cohort: list[int]) -> None:
+        """The round's cohort, before any instruction (per-round rank allocation)."""
+
+    def options(self, round_: int, client: int) -> dict[str, Any]:
+        """What this client is told besides the payloads: plain data only."""
+        return {}
+
+    def download_mask(self, P: torch.Tensor, round_: int, client: int) -> torch.Tensor | None:
         return None
 
-    def client_start(self, downloaded: torch.Tensor, round_: int) -> torch.Tensor:
-        """The vector a client starts from, given what it decoded from the download. Entries
-        a client already holds need not be sent: FFA-LoRA's frozen A comes from the seed."""
-        return downloaded
+    def down_implicit(self, client: int) -> bool:
+        return False
 
-    def train_mask(self, P: torch.Tensor, round_: int) -> torch.Tensor | None:
+    def extra_payloads(self, P: torch.Tensor, round_: int, client: int) -> dict[str, bytes]:
+        """Payloads besides "down" (stacking's merged update); every byte is counted."""
+        return {}
+
+    def receive(self, round_: int, client: int, stats: dict[str, Any]) -> str | None:
+        """A reply's statistics, before its upload is decoded; a returned string drops the
+        client with that reason (e.g. a rank it was never given)."""
         return None
 
-    def upload_mask(self, delta: torch.Tensor, round_: int) -> torch.Tensor | None:
+    def upload_mask(self, round_: int, client: int) -> torch.Tensor | None:
+        """The mask of a values-only upload (the client's `up_implicit`), else None."""
+        return None
+
+    def aggregate(self, updates: list[torch.Tensor], clients: list[int], weights: list[int],
+                  P: torch.Tensor) -> torch.Tensor | None:
+        """A method-specific pseudo-gradient (rank-heterogeneous padding); None = mean."""
         return None
 
     def step_mask(self, round_: int) -> torch.Tensor | None:
@@ -51,52 +133,7 @@ class Method:
         return None
 
     def end_round(self, P: torch.Tensor, round_: int) -> None:
-        """After the server step (e.g. keep pruned entries exactly zero)."""
-
-    # ---- per-client hooks (heterogeneity); the defaults ignore the client
-    def client_download_mask(self, P: torch.Tensor, round_: int,
-                             client: int) -> torch.Tensor | None:
-        return self.download_mask(P, round_)
-
-    def client_train_mask(self, P: torch.Tensor, round_: int, client: int) -> torch.Tensor | None:
-        return self.train_mask(P, round_)
-
-    def client_upload_mask(self, delta: torch.Tensor, round_: int,
-                           client: int) -> torch.Tensor | None:
-        return self.upload_mask(delta, round_)
-
-    def implicit_positions(self, direction: str, client: int) -> bool:
-        """True when both ends already know the mask ("up" or "down"), so a payload carries
-        values only: a HetLoRA client's rank, a pruning mask the server itself dictated."""
-        return False
-
-    def extra_download_bytes(self, round_: int, client: int) -> int:
-        """Bytes of any additional payload a client downloads (stacking's merged update)."""
-        return 0
-
-    def cohort_sampled(self, round_: int, cohort: list[int]) -> None:
-        """The round's cohort, before any client starts (per-round rank allocation)."""
-
-    def local_penalty(self, round_: int, client: int) -> Callable[[], torch.Tensor] | None:
-        """A term added to every local step's loss (HetLoRA's tail-norm penalty); None = none.
-
-        The callable must read the model's parameters (not copies) so that its gradient
-        reaches the flat gradient buffer."""
-        return None
-
-    def client_done(self, round_: int, client: int, start: torch.Tensor, trained: torch.Tensor,
-                    stats: dict[str, float]) -> None:
-        """After local training, before the upload mask: client-side state such as a rank
-        self-prune. `trained` is the live adapter vector: copy what you keep."""
-
-    def eligible(self, clients):
-        """The sampleable clients (e.g. only the highest tier); default: all non-empty."""
-        return clients
-
-    def aggregate(self, updates: list[torch.Tensor], clients: list[int], weights: list[int],
-                  P: torch.Tensor) -> torch.Tensor | None:
-        """A method-specific pseudo-gradient (rank-heterogeneous padding); None = mean."""
-        return None
+        """After the server step (e.g. stacking's merge into W)."""
 
     def eval_vectors(self, P: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra models to evaluate besides P, by name (e.g. each tier's truncation)."""

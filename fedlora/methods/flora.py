@@ -10,8 +10,10 @@ P = [W, LoRA A/B, head] of every adapted layer, so both stages fit one fixed-len
   `A, B = svd_init(ΔW, r, alpha)` into P, W reset to the pretrained W0 (method state).
 * Stage 2: clients train and exchange only LoRA (and the head); W stays W0.
 
-Both ends know each stage's mask, so payloads carry values only; entries outside it are
-constant during the stage and the client fills them from its own copy (`client_start`).
+Both ends know each stage's mask (the instruction says the stage and the SLoRA density; the
+mask follows from the layout and the seed, `stage_masks`), so payloads carry values only.
+Entries outside the stage's mask are at their initial values (LoRA in Stage 1, W0 in Stage
+2), and the client fills them from its own seeded model init.
 Stage 1 payloads are full-rank values through the codec: its bytes are counted as they are.
 
 Server optimizer state: `step_mask` is the stage's mask, so inactive entries keep their value
@@ -29,12 +31,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from fedlora.methods.base import Method
+from fedlora.methods.base import Client, Server
 from fedlora.model.flat import Entry, FlatAdapter
 from fedlora.rng import torch_generator
 from fedlora.server.aggregate import weighted_mean
@@ -71,37 +72,72 @@ def adapted_layers(adapter: FlatAdapter) -> list[Layer]:
     return layers
 
 
-def entry_mask(adapter: FlatAdapter, entries: Iterator[Entry] | list[Entry]) -> torch.Tensor:
-    mask = torch.zeros(adapter.n, dtype=torch.bool, device=adapter.vector.device)
-    for e in entries:
-        mask[e.slice] = True
-    return mask
+def entry_mask(adapter: FlatAdapter, entries: list[Entry]) -> torch.Tensor:
+    """Boolean mask over P of these layout entries."""
+    names = {e.name for e in entries}
+    return adapter.named_slices(names.__contains__)
 
 
 def view(v: torch.Tensor, e: Entry) -> torch.Tensor:
     return v[e.slice].view(e.shape)
 
 
+@dataclass(frozen=True)
+class StageMasks:
+    w: torch.Tensor  # the adapted weights W
+    stage1: torch.Tensor  # W (or SLoRA's fixed subset of it) + the head
+    stage2: torch.Tensor  # LoRA + the head
+
+
+def stage_masks(adapter: FlatAdapter, layers: list[Layer], seed: int,
+                stage1_density: float) -> StageMasks:
+    """Each stage's mask: a function of the layout, the seed and the SLoRA density, so the
+    server and every client compute the same one."""
+    w_mask = entry_mask(adapter, [ly.W for ly in layers])
+    lora = entry_mask(adapter, [e for ly in layers for e in (ly.A, ly.B)])
+    head = ~(w_mask | lora)
+    stage1 = w_mask | head
+    if stage1_density < 1.0:  # SLoRA: a fixed subset of each W
+        g = torch_generator(seed, "slora_mask")
+        stage1 = head.clone()
+        for ly in layers:
+            view(stage1, ly.W).copy_(slora_mask(ly.W.shape, stage1_density, g).to(stage1.device))
+    return StageMasks(w_mask, stage1, ~w_mask)
+
+
+class FLoRAClient(Client):
+    up_implicit = True
+
+    def prepare(self) -> None:
+        masks = stage_masks(self.adapter, adapted_layers(self.adapter), self.task.seed,
+                            float(self.options["stage1_density"]))
+        self.mask = masks.stage1 if self.options["stage"] == 1 else masks.stage2
+
+    def down_mask(self) -> torch.Tensor:
+        return self.mask
+
+    def start(self, received: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        return torch.where(self.mask, received, self.init)
+
+    def train_mask(self) -> torch.Tensor:
+        return self.mask
+
+    def upload_mask(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.mask
+
+
 @dataclass
-class FLoRATwoStage(Method):
+class FLoRATwoStage(Server):
+    client = FLoRAClient
     trains_target_weights = True
     w0: torch.Tensor | None = field(default=None, repr=False)  # pretrained W entries of P
     svd: dict = field(default_factory=dict)  # relative truncation errors, set at the switch
-    known: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.layers = adapted_layers(self.adapter)
-        self.w_mask = entry_mask(self.adapter, [ly.W for ly in self.layers])
-        lora = entry_mask(self.adapter, [e for ly in self.layers for e in (ly.A, ly.B)])
-        head = ~(self.w_mask | lora)
-        self.stage2_mask = ~self.w_mask  # LoRA + head
-        self.stage1_mask = self.w_mask | head
-        if self.cfg.method.stage1_density < 1.0:  # SLoRA: a fixed subset of each W
-            g = torch_generator(self.cfg.seed, "slora_mask")
-            self.stage1_mask = head.clone()
-            for ly in self.layers:
-                sub = slora_mask(ly.W.shape, self.cfg.method.stage1_density, g)
-                view(self.stage1_mask, ly.W).copy_(sub.to(self.stage1_mask.device))
+        masks = stage_masks(self.adapter, self.layers, self.cfg.seed,
+                            self.cfg.method.stage1_density)
+        self.w_mask, self.stage1_mask, self.stage2_mask = masks.w, masks.stage1, masks.stage2
         self.w_opt: ServerOptimizer | None = None  # Stage 1's own optimizer for W
         self.g: torch.Tensor | None = None
         if self.cfg.method.stage1_lr is not None:
@@ -112,6 +148,9 @@ class FLoRATwoStage(Method):
     def s1(self) -> int:
         return self.cfg.method.stage1_rounds
 
+    def stage(self, round_: int) -> int:
+        return 1 if round_ <= self.s1 else 2
+
     def mask(self, round_: int) -> torch.Tensor:
         return self.stage1_mask if round_ <= self.s1 else self.stage2_mask
 
@@ -121,9 +160,6 @@ class FLoRATwoStage(Method):
             self.w0 = P[self.w_mask].detach().clone()
         if round_ == self.s1 + 1:
             self.switch_(P)
-            self.known = None
-        if self.known is None:  # inactive entries are constant within a stage
-            self.known = P.detach().clone()
 
     @torch.no_grad()
     def switch_(self, P: torch.Tensor) -> None:
@@ -148,17 +184,16 @@ class FLoRATwoStage(Method):
                  "%.4f (per layer %.4f..%.4f)", cfg.rank, overall, min(per_layer),
                  max(per_layer))
 
-    # Both ends know the stage's mask: only its values travel, the rest is the client's copy.
-    def client_start(self, downloaded: torch.Tensor, round_: int) -> torch.Tensor:
-        return torch.where(self.mask(round_), downloaded, self.known)
+    def options(self, round_: int, client: int) -> dict:
+        return {"stage": self.stage(round_), "stage1_density": self.cfg.method.stage1_density}
 
-    def download_mask(self, P: torch.Tensor, round_: int) -> torch.Tensor:
+    def download_mask(self, P: torch.Tensor, round_: int, client: int) -> torch.Tensor:
         return self.mask(round_)
 
-    def train_mask(self, P: torch.Tensor, round_: int) -> torch.Tensor:
-        return self.mask(round_)
+    def down_implicit(self, client: int) -> bool:
+        return True
 
-    def upload_mask(self, delta: torch.Tensor, round_: int) -> torch.Tensor:
+    def upload_mask(self, round_: int, client: int) -> torch.Tensor:
         return self.mask(round_)
 
     def step_mask(self, round_: int) -> torch.Tensor:
@@ -181,9 +216,6 @@ class FLoRATwoStage(Method):
             P[self.w_mask] = W
             self.g = None
 
-    def implicit_positions(self, direction: str, client: int) -> bool:
-        return True
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {} if self.w0 is None else {"w0": self.w0}
         if self.w_opt is not None:
@@ -197,7 +229,6 @@ class FLoRATwoStage(Method):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.w0 = tensors.get("w0")
         self.svd = meta.get("svd", {})
-        self.known = None
         if self.w_opt is not None:
             self.w_opt.load_state({k[7:]: v for k, v in tensors.items()
                                    if k.startswith("stage1_")}, meta.get("stage1_steps") or 0)

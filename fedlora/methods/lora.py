@@ -1,7 +1,7 @@
 """Dense federated LoRA (paper Algorithm 4 in FL form): no masks, rank is the only knob."""
 
-from fedlora.methods.base import Method
+from fedlora.methods.base import Server
 
 
-class LoRA(Method):
+class LoRA(Server):
     pass

@@ -1,13 +1,10 @@
 """The freezing baselines' common shape: one mask M governs the whole round.
 
-Clients download P * M, train only inside M (the gradient is masked before the
-momentum update, so nothing outside M moves), upload only inside M; the server
-step leaves entries outside M, and their optimizer state, untouched. A mask of
-None means dense. Subclasses only decide when M is (re)computed.
-
-The download carries M's positions (a client holds no state between rounds); the
-upload is values only, because the server dictated M and the client learned it
-from the download.
+Clients download P * M with M's positions (a client holds no state between rounds), train
+only inside M (the gradient is masked before the momentum update, so nothing outside M
+moves) and upload only inside M, values only: the server dictated M and the client learned
+it from the download. The server step leaves entries outside M, and their optimizer state,
+untouched. A mask of None means dense. Subclasses only decide when M is (re)computed.
 """
 
 from __future__ import annotations
@@ -17,27 +14,38 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlora.comm.topk import topk_mask
-from fedlora.methods.base import Method
+from fedlora.methods.base import Client, Server
+
+
+class MaskedClient(Client):
+    """M is the positions of this round's download."""
+
+    up_implicit = True
+
+    def start(self, received: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        self.mask = positions
+        return received
+
+    def train_mask(self) -> torch.Tensor | None:
+        return self.mask
+
+    def upload_mask(self, delta: torch.Tensor) -> torch.Tensor | None:
+        return self.mask
 
 
 @dataclass
-class Masked(Method):
+class Masked(Server):
+    client = MaskedClient
     mask: torch.Tensor | None = field(default=None, repr=False)
 
-    def download_mask(self, P: torch.Tensor, round_: int) -> torch.Tensor | None:
+    def download_mask(self, P: torch.Tensor, round_: int, client: int) -> torch.Tensor | None:
         return self.mask
 
-    def train_mask(self, P: torch.Tensor, round_: int) -> torch.Tensor | None:
-        return self.mask
-
-    def upload_mask(self, delta: torch.Tensor, round_: int) -> torch.Tensor | None:
+    def upload_mask(self, round_: int, client: int) -> torch.Tensor | None:
         return self.mask
 
     def step_mask(self, round_: int) -> torch.Tensor | None:
         return self.mask
-
-    def implicit_positions(self, direction: str, client: int) -> bool:
-        return direction == "up"
 
     @property
     def exempt(self) -> torch.Tensor | None:

@@ -12,11 +12,17 @@ pseudo-gradient is the plain mean and `step_mask` lets the server optimizer touc
 only. The LoRA part thus bypasses the server optimizer: it is FedAvg at server lr 1 whatever
 `server.optimizer` says (docs/heterogeneity.md).
 
-Downloads: the head (values only) plus the merged update, which the server encodes once per
-round with the codec (per layer the dense ΔW or the stacked factors, whichever is smaller) and
-applies to W as decoded, so server and clients hold the same W. A client that did not take
-part in the previous round cannot apply one round's update; it downloads the dense catch-up
-`W - W0` instead. `extra_download_bytes` reports `len(bytes)` of the payload each client needs.
+Client-held state (documented exception to stateless clients): a client keeps the merged
+W it last computed. Each round it downloads the head (values only) and, unless round 1, one
+of two payloads, both encoded with the codec and counted:
+
+* `merge`: the previous round's update (per layer the dense ΔW or the stacked factors,
+  whichever is smaller, `hetero.stacking_download_numel`), for a client that took part in
+  the previous round; it applies it to its held W exactly as the server did (`apply_merge`).
+* `catchup`: the server's merged W itself (dense), for any other client. (With float32
+  values this is lossless, so every client's W equals the server's bit for bit.)
+
+A reply carries the client's rank, as HetLoRA's does.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import numpy as np
 import torch
 
 from fedlora.comm import codec
-from fedlora.methods.flora import adapted_layers, entry_mask, view
-from fedlora.methods.hetlora import HetLoRA
+from fedlora.methods.base import Client, Server
+from fedlora.methods.flora import Layer, adapted_layers, entry_mask, view
+from fedlora.methods.hetlora import Tiers, rank_mask
 from fedlora.rng import torch_generator
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.hetero import (
@@ -39,49 +46,160 @@ from fedlora.server.hetero import (
 )
 
 
-class FLoRAStacking(HetLoRA):
+def is_stacked(ly: Layer, ranks: list[int]) -> bool:
+    """Send this layer's stacked factors (smaller than the dense ΔW) rather than ΔW."""
+    out_f, in_f = ly.W.shape
+    return stacking_download_numel(out_f, in_f, ranks) < out_f * in_f
+
+
+@torch.no_grad()
+def apply_merge(P: torch.Tensor, layers: list[Layer], ranks: list[int],
+                flat: torch.Tensor) -> None:
+    """W += ΔW per layer, from a decoded `merge` payload: dense or B_stack @ A_stack."""
+    R, offset = sum(ranks), 0
+    for ly in layers:
+        out_f, in_f = ly.W.shape
+        if is_stacked(ly, ranks):
+            B = flat[offset: offset + out_f * R].view(out_f, R)
+            A = flat[offset + out_f * R: offset + R * (out_f + in_f)].view(R, in_f)
+            delta, offset = B.to(P.device) @ A.to(P.device), offset + R * (out_f + in_f)
+        else:
+            delta = flat[offset: offset + out_f * in_f].view(out_f, in_f).to(P.device)
+            offset += out_f * in_f
+        view(P, ly.W).add_(delta)
+
+
+@torch.no_grad()
+def reinit_lora_(P: torch.Tensor, layers: list[Layer], seed: int, round_: int) -> None:
+    """LoRA as round `round_` starts it: A from the `lora_reinit` stream (peft's default
+    init, U(-1/sqrt(in), 1/sqrt(in))), B = 0."""
+    g = torch_generator(seed, "lora_reinit", round_, device=P.device)
+    for ly in layers:
+        bound = 1.0 / math.sqrt(ly.A.shape[1])
+        A = torch.rand(ly.A.shape, generator=g, device=P.device) * (2 * bound) - bound
+        view(P, ly.A).copy_(A)
+        view(P, ly.B).zero_()
+
+
+class StackingClient(Client):
+    up_implicit = True
+
+    def prepare(self) -> None:
+        self.layers = adapted_layers(self.adapter)
+        self.w_mask = entry_mask(self.adapter, [ly.W for ly in self.layers])
+        lora = entry_mask(self.adapter, [e for ly in self.layers for e in (ly.A, ly.B)])
+        self.head = ~(self.w_mask | lora)
+        self.rank = int(self.options["rank"])
+
+    def down_mask(self) -> torch.Tensor:
+        return self.head
+
+    def start(self, received: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        t, payloads = self.task.round, self.task.payloads
+        v = torch.where(self.head, received, self.init)  # W0 and round 1's LoRA init
+        n_w = int(self.w_mask.sum())
+        if "catchup" in payloads:
+            v[self.w_mask] = codec.decode(payloads["catchup"], n_w).to(v.device)
+        elif "W" in self.state:
+            v[self.w_mask] = self.state["W"].to(v.device)
+            if "merge" in payloads:
+                ranks = [int(r) for r in self.options["merge_ranks"]]
+                numel = sum(self._numel(ly, ranks) for ly in self.layers)
+                apply_merge(v, self.layers, ranks, codec.decode(payloads["merge"], numel))
+        elif t > 1:
+            raise ValueError(f"client {self.task.client}: round {t} needs the merged W, and "
+                             "this client holds none and was sent no catch-up")
+        if t > 1:
+            reinit_lora_(v, self.layers, self.task.seed, t)
+        self.W = v[self.w_mask].clone()
+        return v
+
+    @staticmethod
+    def _numel(ly: Layer, ranks: list[int]) -> int:
+        out_f, in_f = ly.W.shape
+        return sum(ranks) * (out_f + in_f) if is_stacked(ly, ranks) else out_f * in_f
+
+    def train_mask(self) -> torch.Tensor:
+        return rank_mask(self.adapter, self.rank) & ~self.w_mask
+
+    def done(self, start, trained, stats) -> None:
+        stats["rank"] = self.rank
+
+    def upload_mask(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.train_mask()
+
+    def save_state(self) -> dict[str, torch.Tensor]:
+        return {"W": self.W}
+
+
+class FLoRAStacking(Server):
+    client = StackingClient
     trains_target_weights = True
 
-    def setup(self, data) -> None:
-        super().setup(data)
+    def setup(self, num_clients: int) -> None:
+        self.budget = Tiers(self.cfg.het, self.cfg.seed, num_clients)
+        self.r_s, self.tiers = self.budget.r_s, self.budget.tier
         self.layers = adapted_layers(self.adapter)
         self.w_mask = entry_mask(self.adapter, [ly.W for ly in self.layers])
         lora = entry_mask(self.adapter, [e for ly in self.layers for e in (ly.A, ly.B)])
         self.head_mask = ~(self.w_mask | lora)
+        self._masks: dict[int, torch.Tensor] = {}
         self.w0: torch.Tensor | None = None  # pretrained W entries of P
-        self.last_download = np.zeros(len(data.clients), dtype=np.int64)  # 0 = never
-        self.round_bytes = 0  # the previous round's merged update, encoded
-        self.catchup_bytes = 0  # the dense W - W0, encoded
-        self.known: torch.Tensor | None = None
+        self.last_download = np.zeros(num_clients, dtype=np.int64)  # 0 = never
+        self.merge_payload = b""  # the previous round's merged update, encoded
+        self.merge_ranks: list[int] = []
+        self.known: torch.Tensor | None = None  # P as this round's clients start from it
+        self._catchup: tuple | None = None
         self.pending: list[torch.Tensor] | None = None  # this round's per-layer payloads
         self.pending_ranks: list[int] = []
 
+    def rank_of(self, client: int) -> int:
+        return self.budget.rank(client)
+
     def mask_for_rank(self, r: int) -> torch.Tensor:
         if r not in self._masks:
-            self._masks[r] = super().mask_for_rank(r) & ~self.w_mask
+            self._masks[r] = rank_mask(self.adapter, r) & ~self.w_mask
         return self._masks[r]
 
     def begin_round(self, P: torch.Tensor, round_: int) -> None:
         if self.w0 is None:
             self.w0 = P[self.w_mask].detach().clone()
-        self.known = P.detach().clone()  # W (in sync), A (seeded), B = 0: the client has them
+        self.known = P.detach().clone()  # W (merged), A (seeded), B = 0: what clients build
         self.pending = None
 
-    def client_download_mask(self, P, round_, client):
+    def options(self, round_: int, client: int) -> dict:
+        return {"rank": self.rank_of(client), "merge_ranks": list(self.merge_ranks)}
+
+    def download_mask(self, P, round_, client):
         return self.head_mask
 
-    def client_start(self, downloaded: torch.Tensor, round_: int) -> torch.Tensor:
-        return torch.where(self.head_mask, downloaded, self.known)
+    def down_implicit(self, client: int) -> bool:
+        return True
+
+    def extra_payloads(self, P: torch.Tensor, round_: int, client: int) -> dict[str, bytes]:
+        """The previous round's update if the client took part in it, else the merged W."""
+        last, self.last_download[client] = int(self.last_download[client]), round_
+        if round_ == 1:
+            return {}
+        if last == round_ - 1:
+            return {"merge": self.merge_payload} if self.merge_payload else {}
+        key = (round_, id(P))
+        if self._catchup is None or self._catchup[0] != key:  # P is fixed within a round
+            values = self.cfg.comm.down_values or self.cfg.comm.values
+            self._catchup = (key, codec.encode(P[self.w_mask].detach(), None, values=values))
+        return {"catchup": self._catchup[1]}
+
+    def receive(self, round_: int, client: int, stats: dict) -> str | None:
+        r = self.rank_of(client)
+        if int(stats.get("rank", r)) != r:
+            return f"reported rank {stats['rank']}, was told {r}"
+        return None
+
+    def upload_mask(self, round_, client):
+        return self.mask_for_rank(self.rank_of(client))
 
     def step_mask(self, round_: int) -> torch.Tensor:
         return self.head_mask
-
-    def extra_download_bytes(self, round_: int, client: int) -> int:
-        """The previous round's update if the client applied every earlier one, else W - W0."""
-        last, self.last_download[client] = int(self.last_download[client]), round_
-        if round_ == 1:
-            return 0
-        return self.round_bytes if last == round_ - 1 else self.catchup_bytes
 
     def aggregate(self, updates, clients, weights, P):
         """Merge Σ p_k s B_k A_k per layer (applied in end_round); the head gets the mean."""
@@ -94,7 +212,7 @@ class FLoRAStacking(HetLoRA):
         for ly in self.layers:
             As = [view(t, ly.A)[:r] for t, r in zip(trained, ranks)]
             Bs = [view(t, ly.B)[:, :r] for t, r in zip(trained, ranks)]
-            if self._stacked(ly):  # the client forms B_stack @ A_stack itself
+            if is_stacked(ly, ranks):  # the client forms B_stack @ A_stack itself
                 A_stack, B_stack = stacking(As, Bs, p)
                 self.pending.append(torch.cat([B_stack.reshape(-1), (s * A_stack).reshape(-1)]))
             else:
@@ -105,39 +223,14 @@ class FLoRAStacking(HetLoRA):
     def end_round(self, P: torch.Tensor, round_: int) -> None:
         if self.pending is not None:
             values = self.cfg.comm.down_values or self.cfg.comm.values
-            payload = codec.encode(torch.cat(self.pending), None, values=values)
-            self.round_bytes = len(payload)
-            self._apply(P, codec.decode(payload, sum(v.numel() for v in self.pending)))
-            catchup = (P[self.w_mask] - self.w0).detach()
-            self.catchup_bytes = len(codec.encode(catchup, None, values=values))
+            self.merge_payload = codec.encode(torch.cat(self.pending), None, values=values)
+            self.merge_ranks = list(self.pending_ranks)
+            apply_merge(P, self.layers, self.merge_ranks,
+                        codec.decode(self.merge_payload, sum(v.numel() for v in self.pending)))
         else:  # nobody reported: nothing to merge, in-sync clients need nothing new
-            self.round_bytes = 0
+            self.merge_payload, self.merge_ranks = b"", []
         self.pending = None
-        g = torch_generator(self.cfg.seed, "lora_reinit", round_ + 1, device=P.device)
-        for ly in self.layers:  # peft's default A init: U(-1/sqrt(in), 1/sqrt(in))
-            bound = 1.0 / math.sqrt(ly.A.shape[1])
-            A = torch.rand(ly.A.shape, generator=g, device=P.device) * (2 * bound) - bound
-            view(P, ly.A).copy_(A)
-            view(P, ly.B).zero_()
-
-    def _stacked(self, ly) -> bool:
-        """Send this layer's stacked factors (smaller than the dense ΔW) rather than ΔW."""
-        out_f, in_f = ly.W.shape
-        return stacking_download_numel(out_f, in_f, self.pending_ranks) < out_f * in_f
-
-    def _apply(self, P: torch.Tensor, flat: torch.Tensor) -> None:
-        """W += ΔW, from the decoded payload: dense per layer or B_stack @ A_stack."""
-        R, offset = sum(self.pending_ranks), 0
-        for ly in self.layers:
-            out_f, in_f = ly.W.shape
-            if self._stacked(ly):
-                B = flat[offset: offset + out_f * R].view(out_f, R)
-                A = flat[offset + out_f * R: offset + R * (out_f + in_f)].view(R, in_f)
-                delta, offset = B.to(P.device) @ A.to(P.device), offset + R * (out_f + in_f)
-            else:
-                delta = flat[offset: offset + out_f * in_f].view(out_f, in_f).to(P.device)
-                offset += out_f * in_f
-            view(P, ly.W).add_(delta)
+        reinit_lora_(P, self.layers, self.cfg.seed, round_ + 1)
 
     def eval_vectors(self, P):
         return {}  # LoRA is re-initialized (B = 0) after every round: P is the merged model
@@ -145,14 +238,18 @@ class FLoRAStacking(HetLoRA):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.w0 is None:
             return {}
-        return {"w0": self.w0, "last_download": torch.from_numpy(self.last_download)}
+        return {"w0": self.w0, "last_download": torch.from_numpy(self.last_download),
+                "merge_payload": torch.frombuffer(bytearray(self.merge_payload) or
+                                                  bytearray(1), dtype=torch.uint8)}
 
     def state_json(self) -> dict:
-        return {"round_bytes": self.round_bytes, "catchup_bytes": self.catchup_bytes}
+        return {"merge_ranks": self.merge_ranks, "merge_bytes": len(self.merge_payload)}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.w0 = tensors.get("w0")
         if "last_download" in tensors:
             self.last_download = tensors["last_download"].cpu().numpy().astype(np.int64)
-        self.round_bytes = int(meta.get("round_bytes", 0))
-        self.catchup_bytes = int(meta.get("catchup_bytes", 0))
+        size = int(meta.get("merge_bytes", 0))
+        payload = tensors.get("merge_payload")
+        self.merge_payload = b"" if payload is None else bytes(payload.cpu().numpy()[:size])
+        self.merge_ranks = [int(r) for r in meta.get("merge_ranks", [])]
