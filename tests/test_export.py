@@ -21,31 +21,36 @@ PEFT_ONLY = r'''
 import json, sys
 import torch, torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-folder, data = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
-manifest = json.load(open(f"{folder}/fedlora_export.json"))
-if manifest["export"] == "peft_adapter":
-    from peft import PeftConfig, PeftModel
-    base_id = PeftConfig.from_pretrained(folder).base_model_name_or_path
-    base = AutoModelForSequenceClassification.from_pretrained(
-        base_id, config=AutoConfig.from_pretrained(folder))
-    model = PeftModel.from_pretrained(base, folder)
-else:
-    model = AutoModelForSequenceClassification.from_pretrained(folder)
-model.eval()
-tok = AutoTokenizer.from_pretrained(folder)
-rows = [json.loads(line) for line in open(data)]
-label2id = model.config.label2id
-correct, loss = 0, 0.0
-with torch.inference_mode():
-    for r in rows:
-        enc = tok([r["text"]], truncation=True, max_length=manifest["max_length"],
-                  return_tensors="pt")
-        logits = model(**enc).logits.float()
-        y = torch.tensor([label2id[str(r["label"])]])
-        correct += int(logits.argmax(-1).item() == y.item())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-print(json.dumps({"accuracy": correct / len(rows), "loss": loss / len(rows),
+
+def score(folder, data):
+    manifest = json.load(open(f"{folder}/fedlora_export.json"))
+    if manifest["export"] == "peft_adapter":
+        from peft import PeftConfig, PeftModel
+        base_id = PeftConfig.from_pretrained(folder).base_model_name_or_path
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_id, config=AutoConfig.from_pretrained(folder))
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = [json.loads(line) for line in open(data)]
+    label2id = model.config.label2id
+    correct, loss = 0, 0.0
+    with torch.inference_mode():
+        for r in rows:
+            enc = tok([r["text"]], truncation=True, max_length=manifest["max_length"],
+                      return_tensors="pt")
+            logits = model(**enc).logits.float()
+            y = torch.tensor([label2id[str(r["label"])]])
+            correct += int(logits.argmax(-1).item() == y.item())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+    return {"accuracy": correct / len(rows), "loss": loss / len(rows)}
+
+args = sys.argv[1:]
+out = [score(args[i], args[i + 1]) for i in range(0, len(args), 2)]
+print(json.dumps({"scores": out,
                   "fedlora_imported": any(m.split(".")[0] == "fedlora" for m in sys.modules)}))
 '''
 
@@ -85,13 +90,17 @@ def _test_rows(cfg, path: Path) -> Path:
     return path
 
 
-def _peft_only(folder: Path, data: Path) -> dict:
+def _peft_only(*pairs: tuple[Path, Path]) -> list[dict]:
+    """Scores of export folders on JSONL data, from one fresh interpreter without fedlora."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
-    out = subprocess.run([sys.executable, "-c", PEFT_ONLY, str(folder), str(data)], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=folder)
+    args = [str(x) for pair in pairs for x in pair]
+    out = subprocess.run([sys.executable, "-c", PEFT_ONLY, *args], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=pairs[0][0])
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["fedlora_imported"] is False
+    return got["scores"]
 
 
 def _run(model_dir: Path, data: Path, out: Path, **extra):
@@ -113,8 +122,7 @@ def test_flasc_adapter_loads_in_peft_alone_and_scores_the_same(bert_no_pooler, t
     config = json.loads((folder / "config.json").read_text())
     assert sorted(config["id2label"].values()) == ["animal", "food", "tool"]
     rows = _test_rows(sim.cfg, tmp_path / "test.jsonl")
-    got = _peft_only(folder, rows)
-    assert got["fedlora_imported"] is False
+    [got] = _peft_only((folder, rows))
     assert abs(got["accuracy"] - summary["final"]["accuracy"]) <= 1e-6
     assert abs(got["loss"] - summary["final"]["loss"]) <= 1e-5
 
@@ -132,7 +140,7 @@ def test_best_round_export_is_that_rounds_model(tiny_bert_dir, text_file, tmp_pa
     folder = export(tmp_path / "run", tmp_path / "best-export", which="best")
     manifest = json.loads((folder / "fedlora_export.json").read_text())
     assert manifest["source"]["round"] == best["round"]
-    got = _peft_only(folder, _test_rows(sim.cfg, tmp_path / "test.jsonl"))
+    [got] = _peft_only((folder, _test_rows(sim.cfg, tmp_path / "test.jsonl")))
     assert abs(got["accuracy"] - best["accuracy"]) <= 1e-6
     assert abs(got["loss"] - best["loss"]) <= 1e-5
 
@@ -149,21 +157,26 @@ def test_export_command_rebuilds_from_disk_identically(tiny_bert_dir, text_file,
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method,extra,kind", [
-    ("full_finetune", {}, "full_model"),
-    ("flora_stacking", {"model.rank": 4, "het.tiers": 2, "het.r_base": 4}, "full_model"),
-    ("flora_two_stage", {"method.stage1_rounds": 1}, "peft_adapter"),  # ends in Stage 2
-])
-def test_backbone_and_w_methods_export_what_peft_or_transformers_load(
-        method, extra, kind, tiny_bert_dir, text_file, tmp_path):
-    sim, summary = _run(tiny_bert_dir, text_file, tmp_path / "run", rounds=2,
-                        **{"method.name": method, **extra})
-    folder = tmp_path / "run" / "export"
-    manifest = json.loads((folder / "fedlora_export.json").read_text())
-    assert manifest["export"] == kind, manifest["note"]
-    got = _peft_only(folder, _test_rows(sim.cfg, tmp_path / "test.jsonl"))
-    assert abs(got["accuracy"] - summary["final"]["accuracy"]) <= 1e-6
-    assert abs(got["loss"] - summary["final"]["loss"]) <= 1e-4
+# flora_two_stage with stage1_rounds=1 ends in Stage 2, where W is back at W0: an adapter.
+W_CASES = {"full_finetune": ({}, "full_model"),
+           "flora_stacking": ({"model.rank": 4, "het.tiers": 2, "het.r_base": 4}, "full_model"),
+           "flora_two_stage": ({"method.stage1_rounds": 1}, "peft_adapter")}
+
+
+def test_backbone_and_w_methods_export_what_peft_or_transformers_load(tiny_bert_dir, text_file,
+                                                                      tmp_path):
+    pairs, finals = [], []
+    for method, (extra, kind) in W_CASES.items():
+        sim, summary = _run(tiny_bert_dir, text_file, tmp_path / method, rounds=2,
+                            **{"method.name": method, **extra})
+        folder = tmp_path / method / "export"
+        manifest = json.loads((folder / "fedlora_export.json").read_text())
+        assert manifest["export"] == kind, (method, manifest["note"])
+        pairs.append((folder, _test_rows(sim.cfg, tmp_path / f"{method}.jsonl")))
+        finals.append(summary["final"])
+    for method, got, final in zip(W_CASES, _peft_only(*pairs), finals):
+        assert abs(got["accuracy"] - final["accuracy"]) <= 1e-6, method
+        assert abs(got["loss"] - final["loss"]) <= 1e-4, method
 
 
 def test_export_errors_say_what_to_do(tiny_bert_dir, text_file, tmp_path):

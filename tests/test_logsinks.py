@@ -52,6 +52,7 @@ def test_tensorboard_resume_does_not_repeat_rounds(tiny_bert_dir, text_file, tmp
     assert [e.step for e in acc.Scalars("metrics/accuracy")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # importing mlflow and creating its SQLite store: ~20 s here
 def test_mlflow_local_store(tiny_bert_dir, text_file, tmp_path):
     if importlib.util.find_spec("mlflow") is None:
         pytest.skip("mlflow is not installed; `pip install 'fedlora[log]'` adds it")
