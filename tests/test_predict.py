@@ -195,3 +195,31 @@ def test_python_m_fedlora_is_the_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fedlora", "--help"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "predict" in out.stdout and "eval" in out.stdout
+
+
+def test_cifar10_reads_a_datasets_folder_with_images(tmp_path):
+    """An image task reads a save_to_disk folder too: Image structs, ClassLabel names."""
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from PIL import Image
+
+    from fedlora.tasks import cifar10
+
+    rng = np.random.default_rng(0)
+    names = ["cat", "dog", "ship"]
+
+    def part(n: int):
+        imgs = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+                for _ in range(n)]
+        feats = datasets.Features({"img": datasets.Image(),
+                                   "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"img": imgs, "label": [i % 3 for i in range(n)]},
+                                          features=feats)
+
+    d = tmp_path / "cifar-hf"
+    datasets.DatasetDict({"train": part(12), "test": part(6)}).save_to_disk(str(d))
+    ex = cifar10.load_examples(str(d), size=32)
+    assert ex.label_names == names and ex.images.shape == (18, 3, 32, 32)
+    assert int(ex.is_test.sum()) == 6 and list(ex.labels[:4]) == [0, 1, 2, 0]
+    only = cifar10.load_examples(str(d), size=32, split="test")
+    assert len(only.labels) == 6 and only.is_test is None

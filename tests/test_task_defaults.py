@@ -5,6 +5,7 @@ left to the task; the other settings below only make the run small (1 round, tin
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,9 @@ def test_task_runs_with_only_its_name_and_data(name, request, tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["task"]
     assert saved["partition"] == partition
     assert saved["max_length"] == DEFAULTS[name].max_length
+    manifest = json.loads((tmp_path / "run" / "export" / "fedlora_export.json").read_text())
+    assert manifest["task"] == name and manifest["export"] == "peft_adapter"
+    assert (tmp_path / "run" / "export" / "adapter_model.safetensors").is_file()
 
 
 def test_explicit_values_still_win(tiny_bert_dir, tmp_path):

@@ -35,8 +35,8 @@ def hub_name_error(path: str, field: str = "task.path") -> MissingResource:
         f"set {field}=DIR (add task.split=NAME to pick one split)")
 
 
-def _read_split(folder: Path):
-    """One saved Dataset as a pandas DataFrame, ClassLabel ints replaced by their names."""
+def _arrow(folder: Path):
+    """One saved Dataset's Arrow table (its schema metadata keeps the `datasets` features)."""
     import pyarrow as pa
 
     state = json.loads((folder / "state.json").read_text())
@@ -47,7 +47,36 @@ def _read_split(folder: Path):
     for f in files:
         with pa.memory_map(str(f)) as src:
             tables.append(pa.ipc.open_stream(src).read_all())
-    df = pa.concat_tables(tables).to_pandas()
+    return pa.concat_tables(tables)
+
+
+def arrow_splits(path: str | Path, split: str | None) -> list[tuple[str, object, str | None]]:
+    """(name, Arrow table, "train"/"test"/None) per split to read, chosen as
+    `read_dataset_folder` chooses them; for tasks that decode their own columns (images)."""
+    p = Path(path).expanduser()
+    if (p / "state.json").is_file():
+        if split is not None:
+            raise ValueError(f"task.split: {p} is a single Dataset, not a DatasetDict; "
+                             f"leave task.split unset")
+        return [(str(p), _arrow(p), None)]
+    splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+    if split is not None:
+        if split not in splits:
+            raise ValueError(f"task.split: {p} has no split {split!r} (has: {splits})")
+        return [(str(p / split), _arrow(p / split), None)]
+    if "train" not in splits:
+        raise ValueError(f"task.split: {p} has no 'train' split (has: {splits}); set "
+                         f"task.split to the one to use")
+    test = next((s for s in TEST_SPLITS if s in splits), None)
+    out = [(str(p / "train"), _arrow(p / "train"), "train")]
+    if test is not None:
+        out.append((str(p / test), _arrow(p / test), "test"))
+    return out
+
+
+def _read_split(folder: Path):
+    """One saved Dataset as a pandas DataFrame, ClassLabel ints replaced by their names."""
+    df = _arrow(folder).to_pandas()
     info_path = folder / "dataset_info.json"
     features = json.loads(info_path.read_text()).get("features", {}) if info_path.is_file() else {}
     for col, feat in (features or {}).items():
