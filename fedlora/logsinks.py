@@ -27,6 +27,7 @@ def numeric(row: dict[str, Any]) -> dict[str, float]:
 
 
 def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as dotted keys -> strings (MLflow parameters are strings)."""
     out: dict[str, str] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
@@ -104,6 +105,7 @@ class MLflowSink:
 
 
 def mlflow_available() -> bool:
+    """Whether mlflow can be imported (checked without importing it: it is slow to load)."""
     import importlib.util
 
     return importlib.util.find_spec("mlflow") is not None

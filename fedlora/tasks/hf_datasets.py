@@ -22,6 +22,7 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def is_dataset_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `Dataset`/`DatasetDict.save_to_disk`."""
     p = Path(path).expanduser()
     return p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file())
 
