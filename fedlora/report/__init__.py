@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.report.html import write_html
 from fedlora.report.plots import (
     human_bytes,
     plot_bytes_to_target,
@@ -58,7 +59,8 @@ def report(
     ledgers: Mapping[str, Any] | None = None,
     search_target: float | None = None,
 ) -> Path:
-    """Write the PNGs and ``report.md`` for some runs; return the markdown path.
+    """Write the PNGs, ``report.md`` and a self-contained ``index.html`` (plots embedded) for
+    some runs; return the markdown path.
 
     ``run_dirs`` may name run directories or folders holding them. ``metric`` defaults to
     the first of accuracy / perplexity / micro_f1 the runs log; ``target`` defaults to the
@@ -94,30 +96,22 @@ def report(
     if plot_client_histograms(groups, out / "per_client.png") is not None:
         figures["per_client.png"] = "Per-client utility on each client's local test split"
     table = summary_table(groups, metric, target, higher)
-    md = _markdown(groups, metric, higher, target, auto, table, figures)
+    intro = _intro(groups, metric, higher, target, auto)
+    md = _markdown(groups, intro, metric, higher, target, table, figures)
     path = out / "report.md"
     path.write_text(md)
+    write_html(out, groups, metric, higher, table, target, intro, figures)  # index.html
     return path
 
 
-def _markdown(
-    groups: list[SeedGroup],
-    metric: str,
-    higher: bool,
-    target: float | None,
-    auto: bool,
-    table: Any,
-    figures: dict[str, str],
-) -> str:
+def _intro(groups: list[SeedGroup], metric: str, higher: bool, target: float | None,
+           auto: bool) -> list[str]:
+    """The report's opening paragraphs (markdown and HTML alike)."""
     nruns = sum(len(g.runs) for g in groups)
     lines = [
-        "# fedlora report",
-        "",
-        (
-            f"{nruns} run(s) in {len(groups)} seed group(s); utility metric: `{metric}` "
-            f"({'higher' if higher else 'lower'} is better). Bytes are decimal "
-            "(1 MB = 10^6 B); byte columns are means over seeds, ± is the sample std over seeds."
-        ),
+        f"{nruns} run(s) in {len(groups)} seed group(s); utility metric: `{metric}` "
+        f"({'higher' if higher else 'lower'} is better). Bytes are decimal "
+        "(1 MB = 10^6 B); byte columns are means over seeds, ± is the sample std over seeds."
     ]
     if target is not None:
         how = "the best value every run reaches" if auto else "given"
@@ -125,6 +119,19 @@ def _markdown(
             f"Target {metric} = {target:.4g} ({how}); upload to target is the "
             "cumulative upload at the first evaluated round that reaches it."
         )
+    return lines
+
+
+def _markdown(
+    groups: list[SeedGroup],
+    intro: list[str],
+    metric: str,
+    higher: bool,
+    target: float | None,
+    table: Any,
+    figures: dict[str, str],
+) -> str:
+    lines = ["# fedlora report", "", *intro]
     lines += ["", to_markdown(table, metric, target, higher)]
     for fname, caption in figures.items():
         lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]

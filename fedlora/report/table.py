@@ -83,6 +83,16 @@ def to_markdown(
     table: pd.DataFrame, metric: str, target: float | None = None, higher_is_better: bool = True
 ) -> str:
     """Render :func:`summary_table` output as a GitHub markdown table."""
+    header, rows = table_cells(table, metric, target, higher_is_better)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def table_cells(
+    table: pd.DataFrame, metric: str, target: float | None = None, higher_is_better: bool = True
+) -> tuple[list[str], list[list[str]]]:
+    """The header and the formatted cells of :func:`summary_table` output (markdown, HTML)."""
     arrow = "↑" if higher_is_better else "↓"
     header = [
         "Run",
@@ -95,10 +105,7 @@ def to_markdown(
     if target is not None:
         op = "≥" if higher_is_better else "≤"
         header.append(f"Upload to {metric} {op} {target:.4g} (MB)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.to_dict("records"):
-        lines.append("| " + " | ".join(_cells(row, target is not None)) + " |")
-    return "\n".join(lines) + "\n"
+    return header, [_cells(row, target is not None) for row in table.to_dict("records")]
 
 
 def _cells(row: dict[str, Any], with_target: bool) -> list[str]:

@@ -7,6 +7,7 @@ needed when that task is used.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 TASKS: dict[str, str] = {
     "wordnet-topics": "fedlora.tasks.wordnet:build",
@@ -19,6 +20,26 @@ TASKS: dict[str, str] = {
     "shakespeare-roles": "fedlora.tasks.shakespeare:build",
     "image-digits": "fedlora.tasks.digits:build",
 }
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """What a task decides when the config leaves a field null. The backbone default lives
+    in each task's builder (`model.name` null); the partition default is one rule for all
+    tasks (`fedlora.tasks.base.default_partition`: by user when the data has users)."""
+
+    max_length: int = 32  # tokens per example (text tasks)
+
+
+# Shakespeare speeches run long (its config's 256); every other text task keeps 32.
+DEFAULTS: dict[str, TaskDefaults] = {name: TaskDefaults() for name in TASKS}
+DEFAULTS["shakespeare-roles"] = TaskDefaults(max_length=256)
+
+
+def apply_defaults(cfg) -> None:
+    """Fill the task-decided fields of `cfg` that are still null (explicit values win)."""
+    if cfg.task.max_length is None:
+        cfg.task.max_length = DEFAULTS[cfg.task.name].max_length
 
 
 def check_name(cfg) -> None:
@@ -39,6 +60,7 @@ def build_task(cfg):
                           "fedlora.engine.resolve_config first (it fills in what the method "
                           "trains)")
     check_name(cfg)
+    apply_defaults(cfg)
     module, fn = TASKS[cfg.task.name].split(":")
     try:
         mod = importlib.import_module(module)

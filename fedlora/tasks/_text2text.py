@@ -54,16 +54,8 @@ class TextToTextClassification:
         self.label_ids, ll = pack(label_rows, tok.pad_token_id)
         self.label_ids = torch.from_numpy(self.label_ids).long()
         self.label_lengths = torch.from_numpy(ll)
-        sep = tok(SEP, add_special_tokens=False)["input_ids"]
-        first = start_token(tok)
-        head = [first] if first is not None else []
-        room = cfg.task.max_length - len(head) - len(sep) - int(ll.max())
-        if room < 1:
-            raise ValueError(f"task.max_length: {cfg.task.max_length} leaves no room for the text "
-                             f"after the prompt and the longest label ({int(ll.max())} tokens)")
-        enc = tok(list(examples.inputs), add_special_tokens=False, truncation=True,
-                  max_length=room)["input_ids"]
-        ids, lengths = pack([head + list(r) + sep for r in enc], tok.pad_token_id)
+        self.max_length = cfg.task.max_length
+        ids, lengths = self.encode_prompts(examples.inputs)
 
         train_idx, test_idx = train_test(cfg, len(labels), labels, examples.is_test)
         clients = None if examples.clients is None else [examples.clients[i] for i in train_idx]
@@ -84,6 +76,22 @@ class TextToTextClassification:
             model.config.pad_token_id = tok.pad_token_id
             targets = default_targets(model.config.model_type)
             self.model = add_lora(model, cfg, targets, None).to(device)
+
+    def encode_prompts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`<start> text SEP` token ids per text (right-padded) and their lengths; the text is
+        truncated so that the longest label still fits in `task.max_length`."""
+        tok = self.tokenizer
+        sep = tok(SEP, add_special_tokens=False)["input_ids"]
+        first = start_token(tok)
+        head = [first] if first is not None else []
+        longest = int(self.label_lengths.max())
+        room = self.max_length - len(head) - len(sep) - longest
+        if room < 1:
+            raise ValueError(f"task.max_length: {self.max_length} leaves no room for the text "
+                             f"after the prompt and the longest label ({longest} tokens)")
+        enc = tok(list(texts), add_special_tokens=False, truncation=True,
+                  max_length=room)["input_ids"]
+        return pack([head + list(r) + sep for r in enc], tok.pad_token_id)
 
     def batch(self, split: Split, idx: np.ndarray, device: torch.device,
               train: bool) -> dict[str, torch.Tensor]:

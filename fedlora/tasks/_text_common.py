@@ -9,7 +9,11 @@ import numpy as np
 
 from fedlora.config import Config
 from fedlora.model.backbone import resolve
-from fedlora.tasks.base import partition_clients, train_test  # noqa: F401 (re-export)
+from fedlora.tasks.base import (  # noqa: F401 (re-export)
+    default_partition,
+    partition_clients,
+    train_test,
+)
 
 # The paper's text backbone (GPT-2 small, 124M). A hub id: `resolve` finds it in the local
 # Hugging Face cache or says which folder to pass as model.name.
@@ -34,6 +38,7 @@ def default_targets(model_type: str) -> list[str]:
 def partition(cfg: Config, n_train: int, train_labels: np.ndarray | None,
               train_clients: list | None) -> tuple[Sequence[np.ndarray], np.ndarray]:
     """`task.partition` over the training examples; next-token tasks have no labels to skew."""
+    default_partition(cfg, train_clients is not None, train_labels is not None)
     if train_labels is None:
         if cfg.task.partition == "dirichlet":
             raise ValueError(f"task.partition: task '{cfg.task.name}' is next-token prediction "

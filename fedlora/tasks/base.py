@@ -98,10 +98,21 @@ def train_test(cfg: Config, n: int, labels: np.ndarray | None,
     return train_idx, test_idx
 
 
+def default_partition(cfg: Config, has_clients: bool, has_labels: bool = True) -> str:
+    """`task.partition` when the config leaves it to the task (null): data with users
+    (a client column) is split by user, labelled data by Dirichlet label skew, the rest iid.
+    The choice is written back into `cfg`, so the run's config.yaml records it."""
+    t = cfg.task
+    if t.partition is None:
+        t.partition = "natural" if has_clients else "dirichlet" if has_labels else "iid"
+    return t.partition
+
+
 def partition_clients(cfg, labels: np.ndarray, clients: list | None,
                       seed: int) -> tuple[partition.Partition, np.ndarray]:
     """Apply `task.partition` to the training examples."""
     t = cfg.task
+    default_partition(cfg, clients is not None)
     rng = np_rng(seed, "partition")
     if t.partition in ("natural", "iid_mix"):
         if clients is None:

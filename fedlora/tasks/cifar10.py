@@ -6,7 +6,9 @@ Reads three layouts, never a pickle:
   each record is 1 label byte + 3072 pixel bytes (R, G, B planes, 32x32);
 * an image folder: `train/<class>/*.png` and `test/<class>/*.png`;
 * Parquet: an image column (HF datasets' `{"bytes": ...}` struct or raw bytes)
-  and a label column; files are split by `train`/`test` in their path.
+  and a label column; files are split by `train`/`test` in their path;
+* a Hugging Face `datasets` folder (`save_to_disk`), the same columns: a DatasetDict's
+  train and test splits, or `task.split` alone (then `task.test_size` is held out).
 The Python-pickle distribution (`cifar-10-batches-py`) is refused: unpickling
 runs arbitrary code.
 """
@@ -24,6 +26,7 @@ from fedlora.config import Config
 from fedlora.model.backbone import MissingResource, resolve
 from fedlora.tasks._img import decode, stack
 from fedlora.tasks.base import label_map, resolve_device
+from fedlora.tasks.hf_datasets import arrow_splits, is_dataset_folder
 from fedlora.tasks.vision import ImageClassification, ImageExamples, hf_backbone
 
 VIT = "google/vit-base-patch16-224-in21k"
@@ -37,7 +40,7 @@ HELP = ("set task.path to the CIFAR-10 binary version (the folder cifar-10-batch
         "and test/<class>/*.png, or Parquet files with image and label columns")
 
 
-def load_examples(path: str | None, size: int = 224) -> ImageExamples:
+def load_examples(path: str | None, size: int = 224, split: str | None = None) -> ImageExamples:
     """CIFAR-10 from whichever supported layout `path` holds; the official test split."""
     if not path:
         raise MissingResource(f"task.path: cifar10 reads local data; {HELP}")
@@ -51,6 +54,8 @@ def load_examples(path: str | None, size: int = 224) -> ImageExamples:
             return _parquet([p], size)
         _refuse_pickle(p)
         raise ValueError(f"task.path: cannot read {p}; {HELP}")
+    if is_dataset_folder(p):  # `datasets` save_to_disk (e.g. load_dataset("cifar10"))
+        return _tables(arrow_splits(p, split), size)
     for d in (p / "cifar-10-batches-bin", p):
         if (d / TRAIN_FILES[0]).is_file():
             return _binary_dir(d)
@@ -163,10 +168,14 @@ def _parquet(files: list[Path], size: int) -> ImageExamples:
     """HF-datasets Parquet ({"bytes", "path"} structs) or flat bytes + label columns."""
     import pyarrow.parquet as pq
 
+    return _tables([(str(f), pq.read_table(f), _split_of(f)) for f in files], size)
+
+
+def _tables(tables: list, size: int) -> ImageExamples:
+    """(name, Arrow table, "train"/"test"/None) items: an image column and a label column."""
     images, raw_labels, split = [], [], []
     hf_names = None
-    for f in files:
-        table = pq.read_table(f)
+    for f, table, where in tables:
         cols = table.column_names
         img_col = next((c for c in IMAGE_COLUMNS if c in cols), None)
         lab_col = next((c for c in LABEL_COLUMNS if c in cols), None)
@@ -180,7 +189,6 @@ def _parquet(files: list[Path], size: int) -> ImageExamples:
                 raise ValueError(f"task.path: {f} column {img_col!r} holds no image bytes")
             images.append(decode(data))
         raw_labels.extend(table.column(lab_col).to_pylist())
-        where = _split_of(f)
         if where is None and "split" in cols:
             split.extend(s == "test" for s in table.column("split").to_pylist())
         else:
@@ -216,5 +224,5 @@ def _hf_label_names(metadata: dict | None, column: str) -> list[str] | None:
 
 def build(cfg: Config) -> ImageClassification:
     backbone = hf_backbone(resolve(cfg.model.name or VIT, None))
-    examples = load_examples(cfg.task.path, cfg.task.image_size)
+    examples = load_examples(cfg.task.path, cfg.task.image_size, cfg.task.split)
     return ImageClassification(cfg, examples, backbone, resolve_device(cfg.device))

@@ -86,6 +86,9 @@ class TextClassification:
             head = next((h for h in HEADS if hasattr(model, h)), None)
             fresh = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
             self.model = add_lora(model, cfg, targets, head, new=fresh).to(device)
+            # Randomly initialized, frozen and outside P (e.g. a sentence-transformers
+            # checkpoint's BERT pooler): an export must carry them (fedlora.export).
+            self.new_modules = tuple(m for m in fresh if m != head)
 
     def batch(self, split: Split, idx: np.ndarray, device: torch.device,
               train: bool) -> dict[str, torch.Tensor]:

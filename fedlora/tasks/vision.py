@@ -27,7 +27,7 @@ from fedlora.model.backbone import quiet_transformers
 from fedlora.model.lora import add_lora
 from fedlora.rng import torch_seed
 from fedlora.tasks._img import Preprocess, decode
-from fedlora.tasks.base import partition_clients, train_test
+from fedlora.tasks.base import default_partition, partition_clients, train_test
 
 # LoRA targets for transformers image models: the reference FLASC code adapts
 # query and value (the paper's B.3 says K,V; we follow the code). transformers 5
@@ -131,6 +131,7 @@ class ImageClassification:
         self.multi_label = examples.labels.ndim == 2
         self.utility = "micro_f1" if self.multi_label else "accuracy"
         t = cfg.task
+        default_partition(cfg, examples.clients is not None, not self.multi_label)
         if self.multi_label and t.partition == "dirichlet":
             raise ValueError(f"task.partition: '{t.name}' is multi-label; Dirichlet label skew "
                              "needs one label per example (use natural, iid or iid_mix)")
