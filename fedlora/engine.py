@@ -672,7 +672,7 @@ class RoundServer:
         rundir.write_bytes(self.out / "adapter.safetensors", save(
             {e.name: self.P[e.slice].view(e.shape).detach().cpu().contiguous()
              for e in self.adapter.layout}))
-        hooks.run_end(self)  # close the log sinks, export RUN/export (fedlora.export)
+        hooks.run_end(self, summary)  # close the log sinks, export RUN/export (fedlora.export)
         rundir.write_json(self.out / "summary.json", summary)  # last: marks the run finished
         return summary
 

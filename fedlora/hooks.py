@@ -54,8 +54,9 @@ def round_end(sim: Any, row: dict) -> None:
                   {"round": int(row["round"]), hooks.utility: float(value)})
 
 
-def run_end(sim: Any) -> None:
-    """After the summary: close the sinks and export the final model (RUN/export)."""
+def run_end(sim: Any, summary: dict) -> None:
+    """At the end of a run, before its summary.json marks it finished: close the sinks and
+    export the final model (RUN/export)."""
     from fedlora.export import EXPORT_DIR, ExportError, export_task
 
     hooks = getattr(sim, "_run_hooks", None)
@@ -63,7 +64,6 @@ def run_end(sim: Any) -> None:
         sink.close()
     sim._run_hooks = None
     initial = getattr(sim.task, "initial_vector", None)
-    summary = json.loads((Path(sim.out) / "summary.json").read_text())
     try:
         export_task(sim.task, sim.cfg, named_vector(sim), Path(sim.out) / EXPORT_DIR,
                     source={"run": str(sim.out), "round_kind": "last",
