@@ -62,8 +62,8 @@ def cold_client_start(ovr: list[str]) -> float:
     deployment ClientApp process pays before it trains)."""
     code = ("import time; t=time.perf_counter(); import sys; "
             "from fedlora.config import load_config; from fedlora.engine import ClientRunner; "
-            "from fedlora.tasks import build_task; "
-            f"ClientRunner(build_task(load_config(None, {ovr!r}))); "
+            "from fedlora.tasks import build_task; from fedlora.resolve import resolve_config; "
+            f"ClientRunner(build_task(resolve_config(load_config(None, {ovr!r})))); "
             "print(time.perf_counter()-t)")
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -350,11 +350,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from fedlora.engine import Simulation
     from fedlora.model.backbone import minilm_dir
+    from fedlora.resolve import resolve_config
     from fedlora.tasks import build_task
 
     arms = args.arms.split(",")
     cfg = fedlora_config(args.rounds, args.threads)
-    task = build_task(cfg)
+    task = build_task(resolve_config(cfg))
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-peers-work-"))
     work_path = tmp / "work.npz"
     write_work(Simulation(cfg, tmp / "sample", progress=False, task=task), args.rounds,

@@ -35,6 +35,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from fedlora.config import load_config
     from fedlora.engine import Simulation
+    from fedlora.resolve import resolve_config
     from fedlora.rundir import read_jsonl
     from fedlora.tasks import build_task
 
@@ -49,7 +50,7 @@ def child(args: argparse.Namespace) -> None:
         over += [f"task.num_clients={args.n}", "task.partition=dirichlet", "task.alpha=0.1"]
     cfg = load_config(None, over)
     t0 = time.perf_counter()
-    task = build_task(cfg)
+    task = build_task(resolve_config(cfg))
     build_s = time.perf_counter() - t0
     out = Path(tempfile.mkdtemp(prefix="fedlora-scale-"))
     sim = Simulation(cfg, out, task=task, progress=False)

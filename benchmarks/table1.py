@@ -39,10 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.config import load_config  # noqa: E402
-from fedlora.engine import (
-    Simulation,  # noqa: E402
-    resolve_config,  # noqa: E402
-)
+from fedlora.engine import Simulation, resolve_config  # noqa: E402
 from fedlora.model.lora import trains_backbone  # noqa: E402
 from fedlora.tasks import build_task  # noqa: E402
 
@@ -94,7 +91,7 @@ class Runner:
                                                 {**self.base, **overrides}.items()]))
         key = (trains_backbone(cfg), cfg.model.rank)
         if key not in self.tasks:
-            task = build_task(cfg)
+            task = build_task(resolve_config(cfg))
             init = {n: p.detach().clone() for n, p in task.model.named_parameters()}
             self.tasks[key] = (task, init)
         task, init = self.tasks[key]

@@ -39,28 +39,22 @@ from fedlora.comm import codec
 from fedlora.comm.ledger import Ledger
 from fedlora.config import Config, config_from_dict
 from fedlora.data.federated import Split, client_batches
-from fedlora.methods import METHODS, build_method, resolve_settings
+from fedlora.methods import METHODS, build_method
 from fedlora.methods.base import Client
 from fedlora.model.flat import FlatAdapter
 from fedlora.personal.evaluate import PersonalEval
 from fedlora.privacy import EpsilonReport, epsilon, privatize, validate_privacy_config
 from fedlora.protocol import ClientResult, ClientTask
+from fedlora.resolve import resolve_config
 from fedlora.rng import np_rng, torch_generator, torch_seed
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
 from fedlora.server.robust import robust_select
-from fedlora.tasks import build_task, check_name
+from fedlora.tasks import build_task
+
+__all__ = ["ClientRunner", "RoundServer", "Simulation", "resolve_config", "run", "set_threads"]
 
 log = logging.getLogger("fedlora")
-
-
-def resolve_config(cfg: Config) -> Config:
-    """Finish a loaded config for running, in place: the task and method names, the method's
-    own typed settings (`method.*`) and what the flat vector holds (`model.trainable`).
-    `load_config` checks the general fields; this layer knows the registries."""
-    check_name(cfg)
-    resolve_settings(cfg)
-    return cfg
 
 
 def set_threads(threads: int | None) -> int:

@@ -44,11 +44,12 @@ def run_config(run: str | Path):
     import yaml
 
     from fedlora.config import config_from_dict
+    from fedlora.resolve import resolve_config
 
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{run} is not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return resolve_config(config_from_dict(yaml.safe_load(path.read_text())))
 
 
 def saved_vector(run: str | Path, which: str = "last") -> tuple[dict[str, torch.Tensor], dict]:

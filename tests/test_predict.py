@@ -172,17 +172,18 @@ def test_text_file_reads_a_datasets_folder(tiny_bert_dir, dataset_dir, tmp_path)
 
 
 def test_datasets_folder_errors(tiny_bert_dir, dataset_dir, tmp_path):
+    from fedlora.resolve import resolve_config
     from fedlora.tasks import build_task
 
     base = tiny_overrides(tiny_bert_dir, dataset_dir)
     with pytest.raises(ValueError, match=r"task.text_column: .* no column 'text' \(columns: "
                                          r"\['sentence', 'topic', 'user'\]\)"):
-        build_task(load_config(None, base))
+        build_task(resolve_config(load_config(None, base)))
     with pytest.raises(ValueError, match=r"no split 'dev' \(has: \['train', 'test'\]\)"):
-        build_task(load_config(None, [*base, "task.split=dev"]))
+        build_task(resolve_config(load_config(None, [*base, "task.split=dev"])))
     hub = tiny_overrides(tiny_bert_dir, Path("stanfordnlp/imdb"))
     with pytest.raises(MissingResource, match=r"save_to_disk\('DIR'\).*task.path=DIR"):
-        build_task(load_config(None, hub))
+        build_task(resolve_config(load_config(None, hub)))
     with pytest.raises(ConfigError, match="task.label_column"):
         load_config(None, ["task.label_column= "])
 

@@ -57,10 +57,11 @@ def runner_for(cfg: Config, node: NodeSettings, run: str) -> ClientRunner:
     key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), node.partition_id)
     if key not in _RUNNERS:
         from fedlora.client.store import ClientStore
-        from fedlora.engine import ClientRunner
+        from fedlora.engine import ClientRunner, resolve_config, set_threads
         from fedlora.tasks import build_task
 
-        task = build_task(cfg)
+        set_threads(cfg.threads)
+        task = build_task(resolve_config(cfg))
         n = len(task.data.clients)
         if node.num_partitions is not None and node.num_partitions != n:
             raise ConfigError(f"node config num-partitions={node.num_partitions} but the "
@@ -68,7 +69,8 @@ def runner_for(cfg: Config, node: NodeSettings, run: str) -> ClientRunner:
         if not 0 <= node.partition_id < n:
             raise ConfigError(f"node config partition-id={node.partition_id} is not a "
                               f"client of this config (0..{n - 1})")
-        _RUNNERS[key] = ClientRunner(task, ClientStore(state_dir(node, run)))
+        _RUNNERS[key] = ClientRunner(task, ClientStore(state_dir(node, run)),
+                                     lockstep=cfg.client.lockstep)
     return _RUNNERS[key]
 
 
