@@ -226,8 +226,9 @@ def test_full_finetune_trains_and_sends_every_backbone_weight(tmp_path, tiny_ber
 @pytest.mark.parametrize("method", ["fedsparsify", "spdst", "federated_select_backbone"])
 def test_sparse_backbone_methods_mask_the_backbone(method, tmp_path, tiny_bert_dir, text_file,
                                                    monkeypatch):
+    own = {"method.prune_ratio": 0.5} if method == "fedsparsify" else {"method.density": 0.5}
     sim, wire = make(tmp_path, tiny_bert_dir, text_file, monkeypatch,
-                     **{"method.name": method, "method.density": 0.5, "method.prune_ratio": 0.5})
+                     **{"method.name": method, **own})
     spy_training(sim)
     head = sim.adapter.head_mask()  # the new classifier: not W, so never masked
     assert head is not None and head.sum() < sim.n
@@ -252,8 +253,8 @@ def test_sparse_backbone_methods_mask_the_backbone(method, tmp_path, tiny_bert_d
 @pytest.mark.parametrize("method", ["adapter_lth", "sparse_adapter"])
 def test_resume_of_a_pruning_method_equals_an_uninterrupted_run(method, tmp_path, tiny_bert_dir,
                                                                 text_file):
-    extra = {"rounds": 4, "checkpoint_every": 2, "method.name": method,
-             "method.prune_ratio": 0.2, "method.density": 0.25}
+    own = {"method.prune_ratio": 0.2} if method == "adapter_lth" else {"method.density": 0.25}
+    extra = {"rounds": 4, "checkpoint_every": 2, "method.name": method, **own}
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, text_file, **extra))
     full = Simulation(cfg, tmp_path / "full", progress=False)
     full.run()

@@ -165,7 +165,7 @@ def test_text_file_reads_a_datasets_folder(tiny_bert_dir, dataset_dir, tmp_path)
     data = sim.task.data
     assert len(data.test) == 30 and len(data.train) == 90  # the DatasetDict's own test split
     assert data.label_names == ["animal", "food", "tool"]  # ClassLabel names, not ints
-    assert data.client_names == [f"u{i}" for i in range(5)]
+    assert list(data.client_names) == [f"u{i}" for i in range(5)]
     assert cfg.task.partition == "natural"
     one = load_config(None, [*over, "task.split=train", "task.test_size=10"])
     assert len(Simulation(one, tmp_path / "one", progress=False).task.data.test) == 10
