@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedlora.config import ConfigError, load_config  # noqa: E402
-from fedlora.engine import ClientRunner, RoundServer  # noqa: E402
+from fedlora.engine import RoundServer  # noqa: E402
 from fedlora.flower.records import (  # noqa: E402
     RESULT_RECORD,
     message_nbytes,
@@ -22,6 +22,7 @@ from fedlora.flower.records import (  # noqa: E402
 )
 from fedlora.flower.settings import NodeSettings, ServerSettings  # noqa: E402
 from fedlora.protocol import ProtocolError  # noqa: E402
+from fedlora.runner import ClientRunner  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

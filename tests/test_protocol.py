@@ -18,9 +18,10 @@ from parity import CASES
 
 from fedlora.client.store import ClientStore
 from fedlora.config import load_config
-from fedlora.engine import ClientRunner, Simulation, resolve_config
+from fedlora.engine import Simulation, resolve_config
 from fedlora.protocol import ClientResult, ClientTask, ProtocolError
 from fedlora.rundir import read_jsonl
+from fedlora.runner import ClientRunner
 from fedlora.tasks import build_task
 
 # one case per method name (and the HetLoRA extras)

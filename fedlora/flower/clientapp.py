@@ -25,8 +25,8 @@ from fedlora.config import Config, ConfigError, config_from_dict
 from fedlora.flower.settings import NodeSettings, ServerSettings
 
 if TYPE_CHECKING:
-    from fedlora.engine import ClientRunner
     from fedlora.protocol import ClientResult
+    from fedlora.runner import ClientRunner
 
 log = logging.getLogger("fedlora.flower")
 
@@ -57,7 +57,8 @@ def runner_for(cfg: Config, node: NodeSettings, run: str) -> ClientRunner:
     key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), node.partition_id)
     if key not in _RUNNERS:
         from fedlora.client.store import ClientStore
-        from fedlora.engine import ClientRunner, resolve_config, set_threads
+        from fedlora.resolve import resolve_config
+        from fedlora.runner import ClientRunner, set_threads
         from fedlora.tasks import build_task
 
         set_threads(cfg.threads)
