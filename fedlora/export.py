@@ -44,11 +44,14 @@ def run_config(run: str | Path):
     import yaml
 
     from fedlora.config import config_from_dict
+    from fedlora.methods import resolve_settings
 
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{run} is not a run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    cfg = config_from_dict(yaml.safe_load(path.read_text()))
+    resolve_settings(cfg)  # what the run resolved (model.trainable, method settings)
+    return cfg
 
 
 def saved_vector(run: str | Path, which: str = "last") -> tuple[dict[str, torch.Tensor], dict]:
