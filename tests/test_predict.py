@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
+from test_tasks_text import tiny_gpt2  # noqa: F401 (fixture)
 
 from fedlora.cli import main
 from fedlora.config import ConfigError, load_config
@@ -224,3 +225,35 @@ def test_cifar10_reads_a_datasets_folder_with_images(tmp_path):
     assert int(ex.is_test.sum()) == 6 and list(ex.labels[:4]) == [0, 1, 2, 0]
     only = cifar10.load_examples(str(d), size=32, split="test")
     assert len(only.labels) == 6 and only.is_test is None
+
+
+def test_next_token_and_text_to_text_runs_predict_and_eval(tmp_path, request):
+    """LM tasks: perplexity per text (+ generated text); text-to-text: the likeliest label."""
+    import math
+
+    from test_tasks_text import _comments, _jsonl
+
+    gpt2 = request.getfixturevalue("tiny_gpt2")
+    data = _jsonl(tmp_path / "c.jsonl", _comments(True))
+    small = ["rounds=1", "clients_per_round=2", "client.max_steps=1", "client.batch_size=4",
+             "model.rank=2", f"model.name={gpt2}", f"task.path={data}", "device=cpu"]
+    import fedlora
+    from fedlora.predict import evaluate, predict
+
+    lm = fedlora.run(None, tmp_path / "lm", overrides=dict(
+        x.split("=", 1) for x in [*small, "task.name=reddit"]))
+    new = _jsonl(tmp_path / "new.jsonl", [{"text": "cute cat comment"}, {"text": "report"}])
+    rows = predict(lm.dir, str(new), generate=3)
+    assert all(r["perplexity"] > 1 and r["tokens"] >= 1 for r in rows)
+    assert all(isinstance(r["generated"], str) for r in rows)
+    got = evaluate(lm.dir, str(data))
+    assert got["perplexity"] > 1 and math.isclose(got["perplexity"], math.exp(got["loss"]))
+    tt = fedlora.run(None, tmp_path / "tt", overrides=dict(
+        x.split("=", 1) for x in [*small, "task.name=subreddits",
+                                  "task.formulation=text_to_text"]))
+    rows = predict(tt.dir, str(new))
+    assert all(r["label"] in ("aww", "news", "science") for r in rows)
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+    held = _jsonl(tmp_path / "held.jsonl", [{"text": r["text"], "label": r["subreddit"]}
+                                            for r in _comments(True) if r["split"] == "test"])
+    assert evaluate(tt.dir, str(held))["accuracy"] == tt.summary["final"]["accuracy"]
