@@ -258,7 +258,9 @@ def test_lockstep_chunk_setting():
     from fedlora.config import ConfigError
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert lockstep_chunk("auto", 10, cpu) == 1 and lockstep_chunk("auto", 10, gpu) == 10
+    assert lockstep_chunk("auto", 10, cpu, threads=1) == 1
+    assert lockstep_chunk("auto", 10, cpu, threads=2) == 10
+    assert lockstep_chunk("auto", 10, gpu) == 10
     assert lockstep_chunk(4, 10, cpu) == 4 and lockstep_chunk(16, 10, cpu) == 10
     assert load_config(None, ["client.lockstep=4"]).client.lockstep == 4
     for bad in ("0", "x", "2.5", "true"):

@@ -68,16 +68,19 @@ class LockstepResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def lockstep_chunk(setting: int | str, cohort: int, device: torch.device) -> int:
+def lockstep_chunk(setting: int | str, cohort: int, device: torch.device,
+                   threads: int | None = None) -> int:
     """Clients per lockstep chunk for `client.lockstep` (K, or "auto") and a cohort size.
 
-    "auto" trains one client at a time on CPU: measured on MiniLM (BENCHMARKS.md, "Lockstep
-    training"), a CPU step is compute-bound already at batch 16, so lockstep saves no time
-    there and sequential keeps each client's own dropout stream. On an accelerator, "auto"
-    takes the whole cohort as one chunk, where one large launch replaces K small ones (not
-    measured here: no GPU was lent)."""
+    "auto", from benchmarks/lockstep.py on MiniLM (BENCHMARKS.md, "Lockstep training"): on
+    CPU with one thread (`threads`, default torch.get_num_threads()), one client at a time:
+    a step is compute-bound already at batch 16, lockstep measured no faster, and sequential
+    keeps each client's own dropout stream. With more threads, the whole cohort: fewer and
+    larger parallel regions measured 3.5x faster per round at 2 threads. On an accelerator,
+    the whole cohort too: one launch instead of K (not measured: no GPU was lent)."""
     if setting == "auto":
-        return 1 if device.type == "cpu" else max(1, cohort)
+        threads = torch.get_num_threads() if threads is None else threads
+        return 1 if device.type == "cpu" and threads <= 1 else max(1, cohort)
     return max(1, min(int(setting), cohort))
 
 
