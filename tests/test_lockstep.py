@@ -11,8 +11,8 @@ from fedlora.client.lockstep import LockstepJob, lockstep_blocker, train_lockste
 from fedlora.client.train import train_client
 from fedlora.config import load_config
 from fedlora.methods.ffa_lora import FFALoRA
-from fedlora.methods.hetlora import rank_mask
 from fedlora.model.flat import FlatAdapter, ParamPenalty
+from fedlora.model.layers import rank_mask
 from fedlora.server.hetero import tail_penalty
 from fedlora.tasks import build_task
 
