@@ -146,7 +146,8 @@ def test_blockers_are_detected(setup, tmp_path):
     _, task, adapter = setup
     assert "closure" in lockstep_blocker(task, adapter, [lambda: torch.zeros(())])
     cfg = load_config(None, tiny_overrides(setup[0].model.name, setup[0].task.path,
-                                           **{"method.name": "full_finetune"}))
+                                           **{"method.name": "full_finetune",
+                                              "model.trainable": "backbone"}))
     backbone = build_task(cfg)
     reason = lockstep_blocker(backbone, FlatAdapter(backbone.model))
     assert reason is not None and "neither LoRA" in reason
