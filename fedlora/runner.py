@@ -122,9 +122,10 @@ class ClientRunner:
 
     def _lockstep_possible(self, penalties=()) -> bool:
         reason = lockstep_blocker(self.task, self.adapter, penalties)
-        if reason is not None and not self._fallback_logged:
-            log.info("client.lockstep=%s: training clients one after another: %s",
-                     self.lockstep, reason)
+        if reason is not None and not self._fallback_logged:  # a warning when asked for
+            (log.info if self.lockstep == "auto" else log.warning)(
+                "client.lockstep=%s: training clients one after another: %s",
+                self.lockstep, reason)
             self._fallback_logged = True
         return reason is None
 

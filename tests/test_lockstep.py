@@ -12,8 +12,8 @@ from fedlora.client.train import train_client
 from fedlora.config import load_config
 from fedlora.engine import resolve_config
 from fedlora.methods.ffa_lora import FFALoRA
-from fedlora.methods.hetlora import rank_mask
 from fedlora.model.flat import FlatAdapter, ParamPenalty
+from fedlora.model.layers import rank_mask
 from fedlora.server.hetero import tail_penalty
 from fedlora.tasks import build_task
 
@@ -259,7 +259,9 @@ def test_lockstep_chunk_setting():
     from fedlora.config import ConfigError
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert lockstep_chunk("auto", 10, cpu) == 1 and lockstep_chunk("auto", 10, gpu) == 10
+    assert lockstep_chunk("auto", 10, cpu, threads=1) == 1
+    assert lockstep_chunk("auto", 10, cpu, threads=2) == 10
+    assert lockstep_chunk("auto", 10, gpu) == 10
     assert lockstep_chunk(4, 10, cpu) == 4 and lockstep_chunk(16, 10, cpu) == 10
     assert load_config(None, ["client.lockstep=4"]).client.lockstep == 4
     for bad in ("0", "x", "2.5", "true"):

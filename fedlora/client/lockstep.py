@@ -1,11 +1,13 @@
 """Lockstep local training: K clients' SGD on one resident backbone, one forward/backward.
 
 Sequential training (fedlora/client/train.py) runs a round's clients one after another, so
-a round costs the sum of their steps, each a small forward/backward dominated by per-call
-overhead on a small model. Here every client keeps its own adapter vector, SGD momentum,
-gradient mask and penalty as one row of (K, n) buffers, and at each step the active
-clients' micro-batches go through the backbone together: the frozen weights once for all
-rows, each client's LoRA A/B (and head) applied to its own rows with batched matmuls.
+a round costs the sum of their steps, each a small forward/backward that uses several CPU
+threads or an accelerator poorly (on one CPU thread a MiniLM step is compute-bound already,
+and lockstep gains nothing there: BENCHMARKS.md). Here every client keeps its own adapter
+vector, SGD momentum, gradient mask and penalty as one row of (K, n) buffers, and at each
+step the active clients' micro-batches go through the backbone together: the frozen weights
+once for all rows, each client's LoRA A/B (and head) applied to its own rows with batched
+matmuls.
 
 How: for the duration of a call, every peft LoRA ``Linear`` and every ``ModulesToSaveWrapper``
 around a ``Linear`` (the head) gets an instance ``forward`` that reads stacked parameters of
@@ -16,9 +18,12 @@ its gradient is exactly the gradient of its own loss (rows never mix: the backbo
 row-wise except attention, which never crosses examples).
 
 Why this and not ``torch.func`` (functional_call + vmap over stacked parameters): measured
-on this CPU in benchmarks/lockstep.py and BENCHMARKS.md; vmap needs equal per-client batch
-shapes (unequal step counts and last partial batches would need padding rows that cost
-compute), and the multi-adapter forward runs the frozen backbone as one plain batch.
+side by side in benchmarks/lockstep.py (BENCHMARKS.md, "Lockstep training"), vmap was no
+faster (1.00x of sequential's CPU time at 1 thread, like this forward), and it needs equal
+per-client batch shapes (unequal step counts and partial last batches would need padding
+rows that cost compute) and a hand-built 4-D attention mask (transformers' mask builder
+branches on tensor values, which vmap rejects). This forward runs the frozen backbone as
+one plain batch, takes any row counts, and leaves the model's own code path untouched.
 
 Exactness: with dropout probabilities 0, each client's trained vector equals sequential
 ``train_client``'s up to float reduction order (tests/test_lockstep.py: 1e-5 relative).
@@ -68,16 +73,19 @@ class LockstepResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def lockstep_chunk(setting: int | str, cohort: int, device: torch.device) -> int:
+def lockstep_chunk(setting: int | str, cohort: int, device: torch.device,
+                   threads: int | None = None) -> int:
     """Clients per lockstep chunk for `client.lockstep` (K, or "auto") and a cohort size.
 
-    "auto" trains one client at a time on CPU: measured on MiniLM (BENCHMARKS.md, "Lockstep
-    training"), a CPU step is compute-bound already at batch 16, so lockstep saves no time
-    there and sequential keeps each client's own dropout stream. On an accelerator, "auto"
-    takes the whole cohort as one chunk, where one large launch replaces K small ones (not
-    measured here: no GPU was lent)."""
+    "auto", from benchmarks/lockstep.py on MiniLM (BENCHMARKS.md, "Lockstep training"): on
+    CPU with one thread (`threads`, default torch.get_num_threads()), one client at a time:
+    a step is compute-bound already at batch 16, lockstep measured no faster, and sequential
+    keeps each client's own dropout stream. With more threads, the whole cohort: fewer and
+    larger parallel regions measured 3.5x faster per round at 2 threads. On an accelerator,
+    the whole cohort too: one launch instead of K (not measured: no GPU was lent)."""
     if setting == "auto":
-        return 1 if device.type == "cpu" else max(1, cohort)
+        threads = torch.get_num_threads() if threads is None else threads
+        return 1 if device.type == "cpu" and threads <= 1 else max(1, cohort)
     return max(1, min(int(setting), cohort))
 
 

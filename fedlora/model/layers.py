@@ -68,12 +68,6 @@ def lora_pairs(adapter: FlatAdapter, vector: torch.Tensor) -> Iterator[tuple[tor
         yield view(vector, ly.A), view(vector, ly.B)
 
 
-def param_pairs(adapter: FlatAdapter) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) model parameters of every LoRA layer: a penalty on them reaches adapter.grad."""
-    params = {e.name: p for e, p in zip(adapter.layout, adapter.params)}
-    return [(params[ly.A.name], params[ly.B.name]) for ly in lora_layers(adapter)]
-
-
 def rank_mask(adapter: FlatAdapter, r: int) -> torch.Tensor:
     """Entries of P in the first r LoRA components (plus everything that is not LoRA):
     component j is row j of A and column j of B."""
