@@ -88,8 +88,9 @@ class ClientConfig:
     epochs: int = 1
     max_steps: int | None = None  # cap on local steps per round
     # Clients trained together through one forward/backward (fedlora/client/lockstep.py):
-    # K >= 1 (1 = one after another), or "auto" (see `lockstep_chunk`).
-    lockstep: int | str = "auto"
+    # K >= 1 (1 = one after another), or "auto" (see `lockstep_chunk`). 1 by default: each
+    # client keeps its own dropout stream, so in-process and Flower runs agree (docs/engine.md).
+    lockstep: int | str = 1
 
 
 @dataclass
