@@ -13,7 +13,7 @@ by the first arm and copied to the others. Runs go seed by seed, so a partial ru
 gives a table; `--table` only prints the table of the runs found.
 
     python benchmarks/personalization.py [--alphas 0.1,1] [--seeds 3] [--rounds 8]
-        [--out runs/bench-personal] [--set KEY=VALUE ...] [--table]
+        [--out runs/bench-personal] [--set KEY=VALUE ...] [--arms a,b] [--table]
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--table", action="store_true", help="only print the table")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help="comma-separated subset of the arms (to run them in parallel)")
     ap.add_argument("--out", default="runs/bench-personal")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--threads", type=int, default=0)
@@ -72,10 +74,13 @@ def main() -> None:
         for alpha in args.alphas.split(","):
             common = [*base, f"task.alpha={alpha}", f"seed={seed}"]
             task, ref = None, None
-            for arm, over in ARMS.items():
+            for arm in args.arms.split(","):
+                over = ARMS[arm]
                 d = out / f"a{alpha}-{arm}-s{seed}"
+                done = sorted(out.glob(f"a{alpha}-*-s{seed}/summary.json"))
+                if done:  # the local-only reference depends on (seed, task, init) only
+                    ref = done[0].parent / "personal_reference.json"
                 if (d / "summary.json").exists():
-                    ref = d / "personal_reference.json"
                     continue
                 if d.exists():
                     shutil.rmtree(d)  # an unfinished run: start it over
