@@ -77,9 +77,9 @@ def main() -> None:
             for arm in args.arms.split(","):
                 over = ARMS[arm]
                 d = out / f"a{alpha}-{arm}-s{seed}"
-                done = sorted(out.glob(f"a{alpha}-*-s{seed}/summary.json"))
-                if done:  # the local-only reference depends on (seed, task, init) only
-                    ref = done[0].parent / "personal_reference.json"
+                refs = sorted(out.glob(f"a{alpha}-*-s{seed}/personal_reference.json"))
+                if refs:  # the local-only reference depends on (seed, task, init) only
+                    ref = refs[0]
                 if (d / "summary.json").exists():
                     continue
                 if d.exists():
@@ -92,7 +92,6 @@ def main() -> None:
                     shutil.copy(ref, d / ref.name)
                 start = time.perf_counter()
                 Simulation(cfg, d, progress=False, task=task).run()
-                ref = d / "personal_reference.json"
                 print(f"alpha={alpha} seed={seed} {arm}: {time.perf_counter() - start:.0f}s",
                       flush=True)
     table(out, args.alphas.split(","))
