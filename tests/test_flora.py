@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 from fedlora.comm import codec
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
-from fedlora.methods.flora import view
+from fedlora.model.layers import view
 from fedlora.rng import torch_generator
 from fedlora.rundir import read_jsonl
 

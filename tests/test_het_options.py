@@ -13,7 +13,8 @@ from conftest import tiny_overrides
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
 from fedlora.methods.base import Client, Server
-from fedlora.methods.hetlora import HetLoRA, HetLoRAClient, lora_pairs, model_tail_norm
+from fedlora.methods.hetlora import HetLoRA, HetLoRAClient, model_tail_norm
+from fedlora.model.layers import lora_pairs
 from fedlora.protocol import ClientTask
 from fedlora.rundir import read_jsonl
 from fedlora.server import hetero

@@ -9,7 +9,7 @@ from conftest import tiny_overrides
 
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
-from fedlora.methods.hetlora import lora_pairs
+from fedlora.model.layers import lora_pairs
 from fedlora.rundir import read_jsonl
 from fedlora.server import hetero
 

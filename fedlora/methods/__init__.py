@@ -13,10 +13,10 @@ from fedlora.methods.fdlora import FDLoRA
 from fedlora.methods.federated_select import FederatedSelect
 from fedlora.methods.ffa_lora import FFALoRA
 from fedlora.methods.finetune_global import FinetuneGlobal
-from fedlora.methods.flasc import FLASC
+from fedlora.methods.flasc import FLASC, FLASCTiers
 from fedlora.methods.flasc_personal import FLASCPersonal
 from fedlora.methods.flora import FLoRATwoStage
-from fedlora.methods.hetlora import AllLowestTier, FLASCTiers, HetLoRA, HighestTierOnly
+from fedlora.methods.hetlora import AllLowestTier, HetLoRA, HighestTierOnly
 from fedlora.methods.local_only import LocalOnly
 from fedlora.methods.lora import LoRA
 from fedlora.methods.sparse_adapter import SparseAdapter

@@ -14,6 +14,7 @@ import torch
 from fedlora.comm.topk import topk_mask
 from fedlora.config import check_density
 from fedlora.methods.base import Client, Server, Settings
+from fedlora.methods.tiers import FLASCTierSettings, Tiers
 
 
 @dataclass
@@ -46,3 +47,20 @@ class FLASC(Server):
 
     def download_mask(self, P: torch.Tensor, round_: int, client: int) -> torch.Tensor | None:
         return flasc_download_mask(P, self.cfg.method.d_down)
+
+
+class FLASCTiers(FLASC):
+    """FLASC under budget tiers: full rank r_s for all, upload density r_c / r_s so each
+    client's bytes match its HetLoRA tier (paper Sec. 4.4). FLASC plus a tier table."""
+
+    settings = FLASCTierSettings
+
+    def setup(self, num_clients: int) -> None:
+        self.budget = Tiers(self.cfg.het, self.cfg.seed, num_clients)
+        self.r_s, self.tiers = self.budget.r_s, self.budget.tier
+
+    def rank_of(self, client: int) -> int:
+        return self.budget.rank(client)
+
+    def options(self, round_: int, client: int) -> dict:
+        return {"d_up": self.rank_of(client) / self.r_s}

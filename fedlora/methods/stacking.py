@@ -35,8 +35,8 @@ import torch
 from fedlora.comm import codec
 from fedlora.config import check
 from fedlora.methods.base import Client, Server
-from fedlora.methods.flora import Layer, adapted_layers, entry_mask, view
-from fedlora.methods.hetlora import Tiers, TierSettings, rank_mask
+from fedlora.methods.tiers import Tiers, TierSettings
+from fedlora.model.layers import Layer, adapted_layers, entry_mask, rank_mask, view
 from fedlora.rng import torch_generator
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.hetero import (
