@@ -124,7 +124,7 @@ def table(out: Path, alphas: list[str]) -> None:
             mb = np.mean([r[1] for r in rs]) / 1e6
             print(f"| {label} | {len(rs)} | {stat('mean')} | {stat('p10')} | "
                   f"{stat('beats_local')} | {mb:.2f} |")
-        refs = [r[0] for rs in results.values() for r in rs]
+        refs = [r[0] for (a, _), rs in results.items() if a == alpha for r in rs]
         if refs:
             ref = np.array([r["pers/local/mean"] for r in refs])
             print(f"\nlocal-only reference (eval.local_steps from init): mean {ref.mean():.3f}")
