@@ -13,7 +13,7 @@ by the first arm and copied to the others. Runs go seed by seed, so a partial ru
 gives a table; `--table` only prints the table of the runs found.
 
     python benchmarks/personalization.py [--alphas 0.1,1] [--seeds 3] [--rounds 8]
-        [--out runs/bench-personal] [--set KEY=VALUE ...] [--table]
+        [--out runs/bench-personal] [--set KEY=VALUE ...] [--arms a,b] [--table]
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--table", action="store_true", help="only print the table")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help="comma-separated subset of the arms (to run them in parallel)")
     ap.add_argument("--out", default="runs/bench-personal")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--threads", type=int, default=0)
@@ -72,10 +74,13 @@ def main() -> None:
         for alpha in args.alphas.split(","):
             common = [*base, f"task.alpha={alpha}", f"seed={seed}"]
             task, ref = None, None
-            for arm, over in ARMS.items():
+            for arm in args.arms.split(","):
+                over = ARMS[arm]
                 d = out / f"a{alpha}-{arm}-s{seed}"
+                refs = sorted(out.glob(f"a{alpha}-*-s{seed}/personal_reference.json"))
+                if refs:  # the local-only reference depends on (seed, task, init) only
+                    ref = refs[0]
                 if (d / "summary.json").exists():
-                    ref = d / "personal_reference.json"
                     continue
                 if d.exists():
                     shutil.rmtree(d)  # an unfinished run: start it over
@@ -87,7 +92,6 @@ def main() -> None:
                     shutil.copy(ref, d / ref.name)
                 start = time.perf_counter()
                 Simulation(cfg, d, progress=False, task=task).run()
-                ref = d / "personal_reference.json"
                 print(f"alpha={alpha} seed={seed} {arm}: {time.perf_counter() - start:.0f}s",
                       flush=True)
     table(out, args.alphas.split(","))
@@ -120,7 +124,7 @@ def table(out: Path, alphas: list[str]) -> None:
             mb = np.mean([r[1] for r in rs]) / 1e6
             print(f"| {label} | {len(rs)} | {stat('mean')} | {stat('p10')} | "
                   f"{stat('beats_local')} | {mb:.2f} |")
-        refs = [r[0] for rs in results.values() for r in rs]
+        refs = [r[0] for (a, _), rs in results.items() if a == alpha for r in rs]
         if refs:
             ref = np.array([r["pers/local/mean"] for r in refs])
             print(f"\nlocal-only reference (eval.local_steps from init): mean {ref.mean():.3f}")
