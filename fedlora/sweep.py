@@ -98,7 +98,8 @@ def search(config: str | Path | None, ranks: Sequence[int], densities: Sequence[
     bar = tqdm(desc="search trials", unit="run", disable=not progress)
 
     def trial(rank: int, d_up: float) -> TrialResult:
-        over = [*overrides, f"model.rank={rank}", f"method.d_up={_fraction(d_up)}",
+        over = [*overrides, f"model.rank={rank}",
+                *([f"method.d_up={_fraction(d_up)}"] if d_up < 1 else []),  # lora has no d_up
                 "method.name=" + ("lora" if d_up >= 1 else "flasc")]
         run_dir = out / "trials" / f"r{rank}-d{_fraction(d_up).replace('/', '_')}"
         run_point(config, over, run_dir)
