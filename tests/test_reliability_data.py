@@ -79,7 +79,7 @@ def test_csv_with_a_bom_reads_and_bad_csv_rows_are_named(tmp_path):
     assert ex.inputs == ["hello there", "bye now"] and ex.labels == ["a", "b"]
     p = tmp_path / "bad.csv"
     p.write_bytes(b"text,label\nhello,a\n,b\nok,\nfine,b\n\xff,a\nalso,a,extra\n")
-    with pytest.raises(ValueError, match=r"bad.csv line 6: not valid UTF-8"):
+    with pytest.raises(ValueError, match=r"bad.csv row 2 column .text.: is missing"):
         load_examples(str(p))
     ex = load_examples(str(p), "skip")
     assert ex.inputs == ["hello", "fine"] and ex.bad_rows["skipped"] == 4

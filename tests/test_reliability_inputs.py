@@ -18,7 +18,16 @@ from hypothesis import strategies as st
 from fedlora.comm import codec
 from fedlora.comm.codec import CodecError, decode, decode_sparse, encode, header
 from fedlora.comm.topk import num_kept, topk_mask
-from fedlora.config import Config, ConfigError, load_config
+from fedlora.config import Config, ConfigError
+from fedlora.config import load_config as _load_config
+from fedlora.engine import resolve_config
+
+
+def load_config(path=None, overrides=None) -> Config:
+    """What the CLI does: the general fields, then the task/method names and the method's
+    own settings (validated by the method, fedlora.engine.resolve_config)."""
+    return resolve_config(_load_config(path, overrides))
+
 
 # ------------------------------------------------------------------------------ config
 

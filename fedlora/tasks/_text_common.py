@@ -108,27 +108,33 @@ class BadRows:
         self.count = 0
         self.reasons: dict[str, int] = {}
         self.examples: list[str] = []
+        self._first: tuple[int, str] | None = None  # error mode: the earliest bad row
 
-    def add(self, where: str, column: str | None, reason: str) -> None:
-        """Record one bad row: raise in error mode, count it in skip mode."""
+    def add(self, where: str, column: str | None, reason: str, order: int = 1 << 62) -> None:
+        """Record one bad row (``order``: its line in the file, to report the first one)."""
         col = f" column {column!r}" if column else ""
         msg = f"{self.path} {where}{col}: {reason}"
-        if self.mode == "error":
-            raise ValueError(f"task.path: {msg} (set task.on_bad_rows=skip to skip and count "
-                             "such rows)")
+        if self._first is None or order < self._first[0]:
+            self._first = (order, msg)
         self.count += 1
         key = f"{column}: {reason.split(' (')[0]}" if column else reason.split(" (")[0]
         self.reasons[key] = self.reasons.get(key, 0) + 1
         if len(self.examples) < 5:
             self.examples.append(msg)
 
+    def raise_in_error_mode(self) -> None:
+        """In error mode, the first bad row in file order stops the run, named."""
+        if self.mode == "error" and self._first is not None:
+            raise ValueError(f"task.path: {self._first[1]} (set task.on_bad_rows=skip to skip "
+                             "and count such rows)")
+
     def to_dict(self) -> dict:
         return {"file": str(self.path), "skipped": self.count, "reasons": dict(self.reasons),
                 "examples": list(self.examples)}
 
 
-def _jsonl_records(p: Path, bad: BadRows) -> list[tuple[str, dict]]:
-    """(where, object) per non-blank line; undecodable or non-object lines go to `bad`."""
+def _jsonl_records(p: Path, bad: BadRows) -> list[tuple[str, dict, int]]:
+    """(where, object, line) per non-blank line; undecodable or non-object lines go to `bad`."""
     import json
 
     data = p.read_bytes()
@@ -141,23 +147,23 @@ def _jsonl_records(p: Path, bad: BadRows) -> list[tuple[str, dict]]:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             bad.add(where, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                 f"{e.start + 1})")
+                                 f"{e.start + 1})", i)
             continue
         if not line.strip():
             continue  # blank lines (e.g. a trailing one) carry no row
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            bad.add(where, None, f"not valid JSON ({e.msg} at column {e.colno})")
+            bad.add(where, None, f"not valid JSON ({e.msg} at column {e.colno})", i)
             continue
         if not isinstance(obj, dict):
-            bad.add(where, None, f"not a JSON object (got {type(obj).__name__})")
+            bad.add(where, None, f"not a JSON object (got {type(obj).__name__})", i)
             continue
-        out.append((where, obj))
+        out.append((where, obj, i))
     return out
 
 
-def _csv_records(p: Path, bad: BadRows) -> list[tuple[str, dict]]:
+def _csv_records(p: Path, bad: BadRows) -> list[tuple[str, dict, int]]:
     """CSV rows as strings (a UTF-8 BOM is accepted); non-UTF-8 lines and rows with the
     wrong number of fields go to `bad`."""
     import io
@@ -177,7 +183,7 @@ def _csv_records(p: Path, bad: BadRows) -> list[tuple[str, dict]]:
                 raise ValueError(f"task.path: {p} line 1 (the header) is not valid UTF-8 "
                                  f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             bad.add(f"line {i}", None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                       f"{e.start + 1})")
+                                       f"{e.start + 1})", i)
     ragged: list[list[str]] = []
 
     def on_bad_line(fields: list[str]) -> None:
@@ -192,7 +198,7 @@ def _csv_records(p: Path, bad: BadRows) -> list[tuple[str, dict]]:
     for fields in ragged:
         bad.add("a row", None, f"has {len(fields)} fields, the header has {len(df.columns)} "
                                f"(starts {','.join(fields)[:40]!r})")
-    return [(f"row {i + 1}", {k: (None if v == "" else v) for k, v in rec.items()})
+    return [(f"row {i + 1}", {k: (None if v == "" else v) for k, v in rec.items()}, i + 2)
             for i, rec in enumerate(df.to_dict("records"))]  # an empty CSV cell is missing
 
 
@@ -200,19 +206,20 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and v != v)
 
 
-def check_rows(p: Path, records: list[tuple[str, dict]], required: tuple[str, ...],
+def check_rows(p: Path, records: list[tuple[str, dict, int]], required: tuple[str, ...],
                optional: tuple[str, ...], nonempty: tuple[str, ...], bad: BadRows):
     """The records that pass every check, as a DataFrame of the required and optional
     columns; each failing row goes to `bad` (which raises in error mode)."""
     import pandas as pd
 
-    present = set().union(*(r.keys() for _, r in records)) if records else set()
+    present = set().union(*(r.keys() for _, r, _ in records)) if records else set()
     missing = [c for c in required if c not in present]
     if missing:
+        bad.raise_in_error_mode()  # a broken line may be why a column seems absent
         raise ValueError(f"task.path: {p} lacks column(s) {missing} (has: {sorted(present)})")
     keep = [c for c in (*required, *optional) if c in present]
     rows = []
-    for where, rec in records:
+    for where, rec, order in records:
         problem = None
         for c in required:
             v = rec.get(c)
@@ -227,9 +234,10 @@ def check_rows(p: Path, records: list[tuple[str, dict]], required: tuple[str, ..
             if problem:
                 break
         if problem:
-            bad.add(where, *problem)
+            bad.add(where, *problem, order)
             continue
         rows.append([rec.get(c) for c in keep])
+    bad.raise_in_error_mode()
     if not rows:
         raise ValueError(f"task.path: {p} has no valid rows ({bad.count} skipped: "
                          f"{bad.reasons})")
@@ -251,7 +259,7 @@ def read_checked(p: Path, kind: str, required: tuple[str, ...], optional: tuple[
             df = pd.read_json(p) if kind == "json" else pd.read_parquet(p)
         except (ValueError, OSError) as e:
             raise ValueError(f"task.path: {p} is not a readable {kind} table ({e})") from None
-        records = [(f"row {i + 1}", {k: _plain(v) for k, v in rec.items()})
+        records = [(f"row {i + 1}", {k: _plain(v) for k, v in rec.items()}, i + 1)
                    for i, rec in enumerate(df.to_dict("records"))]
     df = check_rows(p, records, required, optional, nonempty, bad)
     if bad.count:
