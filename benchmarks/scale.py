@@ -7,7 +7,7 @@ are (at N = 100,000 most clients hold one or two examples, a third none); the na
 writes the same glosses, cycled to a fixed number of rows, into a JSONL with a `client`
 column of N distinct ids (row mod N), so every N tokenizes the same rows.
 
-    python benchmarks/scale.py [--sizes 1000,10000,100000] [--rounds 4] [--threads 1]
+    python benchmarks/scale.py [--sizes 1000,10000,100000] [--rounds 4] [--threads 1] [--jobs 1]
 
 Targets (issue 14): peak RSS growth from N = 1,000 to 100,000 <= 50 MB; seconds per
 round flat in N.
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--arms", default="dirichlet:flasc,dirichlet:hetlora,natural:flasc",
                     help="partition:method pairs")
+    ap.add_argument("--jobs", type=int, default=1, help="children run at once")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--partition", default="dirichlet", help=argparse.SUPPRESS)
@@ -102,7 +103,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-scale-data-"))
-    results = []
+    runs = []
     for arm in args.arms.split(","):
         part, method = arm.split(":")
         for n in sizes:
@@ -113,10 +114,18 @@ def main() -> None:
                 f = tmp / f"natural-{n}.jsonl"
                 natural_file(f, n)
                 cmd += ["--file", str(f)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            runs.append((f"{arm} N={n}", cmd))
+    results = []
+    # Each child is its own process (its own peak RSS); --jobs > 1 runs several at once,
+    # which leaves RSS unchanged and adds noise to the round times.
+    for i in range(0, len(runs), args.jobs):
+        batch = [(name, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)) for name, cmd in runs[i:i + args.jobs]]
+        for name, proc in batch:
+            out, err = proc.communicate()
             if proc.returncode != 0:
-                sys.exit(f"{arm} N={n} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+                sys.exit(f"{name} failed:\n{err[-3000:]}")
+            r = json.loads(out.strip().splitlines()[-1])
             results.append(r)
             print(json.dumps(r), flush=True)
     print("\n| partition | method | N | clients (empty) | median examples | partition MB | "
