@@ -62,7 +62,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--analyze", metavar="STACKS",
+                    help="only bucket an existing `py-spy record --format raw` file")
     args = ap.parse_args()
+    if args.analyze:
+        return report(Path(args.analyze), args.rate, None)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         sys.exit("py-spy not found: pip install py-spy (benchmark only)")
@@ -75,22 +79,25 @@ def main() -> None:
     for s in args.set:
         cmd += ["--set", s]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    print(f"py-spy stacks: {raw}", flush=True)
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    report(raw, args.rate, tmp / "run" / "metrics.jsonl")
+
+
+def report(raw: Path, rate: int, metrics: Path | None) -> None:
     counts: collections.Counter = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if stack:
-            frames = stack.split(";")
-            counts[bucket_of(frames)] += int(n)
+            counts[bucket_of(stack.split(";"))] += int(n)
     total = sum(counts.values())
-    metrics = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
-    print(f"samples: {total} at {args.rate}/s ({total / args.rate:.0f} s sampled); "
-          f"metrics rows: {len(metrics)}")
+    print(f"samples: {total} at {rate}/s ({total / rate:.0f} s sampled)")
     print("\n| where | share of samples | seconds |\n|---|---|---|")
     for name, n in counts.most_common():
-        print(f"| {name} | {100 * n / total:.1f}% | {n / args.rate:.1f} |")
-    for row in metrics:
-        print(row)
+        print(f"| {name} | {100 * n / total:.1f}% | {n / rate:.1f} |")
+    if metrics is not None and metrics.exists():
+        for row in metrics.read_text().splitlines():
+            print(row)
 
 
 if __name__ == "__main__":
