@@ -22,6 +22,7 @@ from pathlib import Path
 
 # (bucket, [(function, path fragment)]): the first bucket with a matching frame in the stack.
 BUCKETS = [
+    ("imports (torch, transformers, peft)", [("_find_and_load", "")]),
     ("setup: read + tokenize data", [("tokenize", "fedlora/tasks"),
                                      ("load_examples", "fedlora/tasks")]),
     ("setup: load model + LoRA", [("from_pretrained", "transformers"),
@@ -39,14 +40,14 @@ BUCKETS = [
     ("client: batch assembly", [("batch", "fedlora/tasks"), ("client_batches", "fedlora/data")]),
     ("client: SGD update on the flat vector", [("train_client", "fedlora/client")]),
     ("engine: other round work", [("client_round", "fedlora/engine"), ("run", "fedlora/engine")]),
-    ("imports + interpreter start", [("<module>", ""), ("_find_and_load", "")]),
+    ("setup: other task building", [("build_task", "fedlora/tasks")]),
 ]
 
 
 def parse(frame: str) -> tuple[str, str]:
     """py-spy's `function (path:line)` as (function, path)."""
     func, _, rest = frame.partition(" (")
-    return func.strip(), rest.rpartition(":")[0]
+    return func.strip().rsplit(".", 1)[-1], rest.rpartition(":")[0]  # Class.method -> method
 
 
 def bucket_of(frames: list[str]) -> str:
@@ -88,7 +89,7 @@ def report(raw: Path, rate: int, metrics: Path | None) -> None:
     counts: collections.Counter = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if stack:
+        if stack and not stack.startswith("Thread._bootstrap"):  # main thread only (not tqdm's)
             counts[bucket_of(stack.split(";"))] += int(n)
     total = sum(counts.values())
     print(f"samples: {total} at {rate}/s ({total / rate:.0f} s sampled)")
