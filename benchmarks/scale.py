@@ -72,6 +72,35 @@ def child(args: argparse.Namespace) -> None:
     }))
 
 
+def partition_child(args: argparse.Namespace) -> None:
+    """The data side alone: build the N-client partition over the embedded glosses and
+    report the RSS it added, its size and the time it took (no model, no training)."""
+    import numpy as np
+
+    from fedlora.data import partition
+    from fedlora.rng import np_rng
+    from fedlora.tasks.base import label_map
+    from fedlora.tasks.wordnet import load_examples
+
+    ex = load_examples()
+    labels, _ = label_map(ex.labels)
+    ids = [f"u{i % args.n}" for i in range(ROWS)] if args.partition == "natural" else None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if ids is not None:
+        parts, _names = partition.natural(ids)
+    else:
+        parts = partition.dirichlet(labels, args.n, 0.1, np_rng(0, "partition"))
+    seconds = time.perf_counter() - t0
+    sizes = parts.sizes
+    print(json.dumps({
+        "n": args.n, "partition": args.partition, "clients": len(parts),
+        "empty": int((sizes == 0).sum()), "median_size": float(np.median(sizes)),
+        "partition_mb": parts.nbytes / 1e6, "build_s": seconds,
+        "peak_rss_growth_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before,
+    }))
+
+
 def natural_file(path: Path, n: int) -> None:
     """The wordnet glosses cycled to ROWS rows, client id = row mod n."""
     from fedlora.tasks.wordnet import load_examples
@@ -82,6 +111,28 @@ def natural_file(path: Path, n: int) -> None:
             j = i % len(ex.labels)
             f.write(json.dumps({"text": ex.inputs[j], "label": ex.labels[j],
                                 "client": f"u{i % n}"}) + "\n")
+
+
+def partitions_only(args: argparse.Namespace) -> None:
+    procs = []
+    for part in ("dirichlet", "natural"):
+        for n in (int(x) for x in args.sizes.split(",")):
+            cmd = [sys.executable, __file__, "--child", "--partition-only", "--n", str(n),
+                   "--partition", part]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            sys.exit(err[-3000:])
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    print("| partition | N | clients (empty) | median examples | partition MB | "
+          "peak RSS growth MB | build s |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['partition']} | {r['n']:,} | {r['clients']:,} ({r['empty']:,}) | "
+              f"{r['median_size']:g} | {r['partition_mb']:.2f} | "
+              f"{r['peak_rss_growth_mb']:.1f} | {r['build_s']:.2f} |")
 
 
 def main() -> None:
@@ -97,9 +148,13 @@ def main() -> None:
     ap.add_argument("--partition", default="dirichlet", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="flasc", help=argparse.SUPPRESS)
     ap.add_argument("--file", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--partition-only", action="store_true",
+                    help="measure only building the partitions (no model, no rounds)")
     args = ap.parse_args()
     if args.child:
-        return child(args)
+        return partition_child(args) if args.partition_only else child(args)
+    if args.partition_only:
+        return partitions_only(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="fedlora-scale-data-"))
