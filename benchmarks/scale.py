@@ -57,9 +57,29 @@ def child(args: argparse.Namespace) -> None:
     for t in range(1, 51):
         sim.sample(t)
     sample_ms = (time.perf_counter() - t0) / 50 * 1e3
+    # Local training shrinks with N (clients hold fewer examples), so time it apart: what is
+    # left of a round (instructions, codec, aggregation, server step, I/O) must stay flat.
+    spent, marks = [0.0], []
+    train, open_round = sim.runner.train, sim.open_round
+
+    def timed_train(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return train(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    def marked_open_round():
+        marks.append(spent[0])
+        return open_round()
+
+    sim.runner.train, sim.open_round = timed_train, marked_open_round
     sim.run()
+    marks.append(spent[0])
     rows = read_jsonl(out / "metrics.jsonl")
+    trained = [b - a for a, b in zip(marks, marks[1:])]
     walls = [r["wall_s"] for r in rows[1:]]  # round 1 warms up
+    rest = [r["wall_s"] - s for r, s in zip(rows[1:], trained[1:])]
     sizes = task.data.sizes
     print(json.dumps({
         "n": args.n, "partition": args.partition, "method": args.method,
@@ -68,6 +88,7 @@ def child(args: argparse.Namespace) -> None:
         "partition_mb": getattr(task.data.clients, "nbytes", 0) / 1e6,
         "build_s": build_s, "sample_ms": sample_ms,
         "round_s": float(np.median(walls)), "rounds": len(rows),
+        "train_s": float(np.median(trained[1:])), "rest_s": float(np.median(rest)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
@@ -184,18 +205,20 @@ def main() -> None:
             results.append(r)
             print(json.dumps(r), flush=True)
     print("\n| partition | method | N | clients (empty) | median examples | partition MB | "
-          "peak RSS MB | s / round | sample ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak RSS MB | s / round | of which local training | rest of the round s | sample ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['partition']} | {r['method']} | {r['n']:,} | {r['clients']:,} "
               f"({r['empty']:,}) | {r['median_size']:g} | {r['partition_mb']:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['round_s']:.2f} | {r['sample_ms']:.2f} |")
+              f"{r['peak_rss_mb']:.0f} | {r['round_s']:.2f} | {r['train_s']:.2f} | "
+              f"{r['rest_s']:.3f} | {r['sample_ms']:.2f} |")
     for arm in args.arms.split(","):
         rows = [r for r in results if f"{r['partition']}:{r['method']}" == arm]
         lo, hi = min(rows, key=lambda r: r["n"]), max(rows, key=lambda r: r["n"])
         print(f"{arm}: peak RSS {hi['n']:,} - {lo['n']:,} = "
               f"{hi['peak_rss_mb'] - lo['peak_rss_mb']:+.1f} MB; s/round "
-              f"{lo['round_s']:.2f} -> {hi['round_s']:.2f}")
+              f"{lo['round_s']:.2f} -> {hi['round_s']:.2f}; outside local training "
+              f"{lo['rest_s']:.3f} -> {hi['rest_s']:.3f}")
 
 
 if __name__ == "__main__":
