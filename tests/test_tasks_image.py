@@ -247,7 +247,7 @@ def test_flair_multilabel_natural_partition(tmp_path, flair_dir, tiny_vit_dir):
     sim, summary = _run(tmp_path, "run", **{"task.name": "flair", "task.path": flair_dir,
                                             "task.partition": "natural",
                                             "model.name": tiny_vit_dir})
-    assert sim.task.data.client_names == ["u1", "u2", "u3", "u4"]
+    assert list(sim.task.data.client_names) == ["u1", "u2", "u3", "u4"]
     assert sim.task.utility == "micro_f1" and summary["utility"] == "micro_f1"
     final = summary["final"]
     for k in ("micro_f1", "macro_f1", "micro_precision", "loss"):

@@ -340,7 +340,7 @@ def test_reddit_next_token_prediction(tiny_gpt2, tmp_path):
     sim, summary = _run(cfg, tmp_path / "run")
     task = sim.task
     assert task.utility == "perplexity" and task.higher_is_better is False
-    assert task.data.client_names == [f"user{i}" for i in range(6)]
+    assert list(task.data.client_names) == [f"user{i}" for i in range(6)]
     final = summary["final"]
     assert math.isclose(final["perplexity"], math.exp(final["loss"]), rel_tol=1e-9)
     assert 0.0 <= final["next_token_accuracy"] <= 1.0 and final["tokens"] > 0
@@ -384,7 +384,7 @@ def test_subreddits_topic_classification(tiny_gpt2, tmp_path):
                   "task.test_size": 6, "model.name": tiny_gpt2})
     sim, summary = _run(cfg, tmp_path / "run")
     assert sim.task.data.label_names == ["aww", "news", "science"]
-    assert sim.task.data.client_names == [f"user{i}" for i in range(6)]
+    assert list(sim.task.data.client_names) == [f"user{i}" for i in range(6)]
     assert len(sim.task.data.test) == 6 and "accuracy" in summary["final"]
 
 
@@ -417,7 +417,7 @@ def test_shakespeare_roles_runs_with_tiny_llama(tiny_llama, tmp_path):
                   "task.test_size": 6, "model.name": tiny_llama})
     sim, summary = _run(cfg, tmp_path / "run")
     assert "hamlet:BER" in sim.task.data.client_names
-    assert sim.task.data.client_names == sorted(sim.task.data.client_names)
+    assert list(sim.task.data.client_names) == sorted(sim.task.data.client_names)
     assert summary["utility"] == "perplexity" and summary["final"]["perplexity"] > 1.0
     assert {e.name.split(".")[-3] for e in sim.adapter.layout} == {"lora_A", "lora_B"}
     assert any("q_proj" in e.name for e in sim.adapter.layout)
