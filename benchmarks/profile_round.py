@@ -22,6 +22,7 @@ from pathlib import Path
 
 # (bucket, [(function, path fragment)]): the first bucket with a matching frame in the stack.
 BUCKETS = [
+    ("imports (torch, transformers, peft)", [("_find_and_load", "")]),
     ("setup: read + tokenize data", [("tokenize", "fedlora/tasks"),
                                      ("load_examples", "fedlora/tasks")]),
     ("setup: load model + LoRA", [("from_pretrained", "transformers"),
@@ -39,14 +40,14 @@ BUCKETS = [
     ("client: batch assembly", [("batch", "fedlora/tasks"), ("client_batches", "fedlora/data")]),
     ("client: SGD update on the flat vector", [("train_client", "fedlora/client")]),
     ("engine: other round work", [("client_round", "fedlora/engine"), ("run", "fedlora/engine")]),
-    ("imports + interpreter start", [("<module>", ""), ("_find_and_load", "")]),
+    ("setup: other task building", [("build_task", "fedlora/tasks")]),
 ]
 
 
 def parse(frame: str) -> tuple[str, str]:
     """py-spy's `function (path:line)` as (function, path)."""
     func, _, rest = frame.partition(" (")
-    return func.strip(), rest.rpartition(":")[0]
+    return func.strip().rsplit(".", 1)[-1], rest.rpartition(":")[0]  # Class.method -> method
 
 
 def bucket_of(frames: list[str]) -> str:
@@ -62,7 +63,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--analyze", metavar="STACKS",
+                    help="only bucket an existing `py-spy record --format raw` file")
     args = ap.parse_args()
+    if args.analyze:
+        return report(Path(args.analyze), args.rate, None)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         sys.exit("py-spy not found: pip install py-spy (benchmark only)")
@@ -75,22 +80,25 @@ def main() -> None:
     for s in args.set:
         cmd += ["--set", s]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    print(f"py-spy stacks: {raw}", flush=True)
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    report(raw, args.rate, tmp / "run" / "metrics.jsonl")
+
+
+def report(raw: Path, rate: int, metrics: Path | None) -> None:
     counts: collections.Counter = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if stack:
-            frames = stack.split(";")
-            counts[bucket_of(frames)] += int(n)
+        if stack and not stack.startswith("Thread._bootstrap"):  # main thread only (not tqdm's)
+            counts[bucket_of(stack.split(";"))] += int(n)
     total = sum(counts.values())
-    metrics = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
-    print(f"samples: {total} at {args.rate}/s ({total / args.rate:.0f} s sampled); "
-          f"metrics rows: {len(metrics)}")
+    print(f"samples: {total} at {rate}/s ({total / rate:.0f} s sampled)")
     print("\n| where | share of samples | seconds |\n|---|---|---|")
     for name, n in counts.most_common():
-        print(f"| {name} | {100 * n / total:.1f}% | {n / args.rate:.1f} |")
-    for row in metrics:
-        print(row)
+        print(f"| {name} | {100 * n / total:.1f}% | {n / rate:.1f} |")
+    if metrics is not None and metrics.exists():
+        for row in metrics.read_text().splitlines():
+            print(row)
 
 
 if __name__ == "__main__":

@@ -148,3 +148,25 @@ def test_threads_setting(monkeypatch):
             load_config(None, ["eval_max_examples=0"])
     finally:
         torch.set_num_threads(1)
+
+
+def test_client_values_store_only_what_departs_from_the_rule():
+    from fedlora.methods.client_state import ClientValues
+
+    tiers = np.array([1, 3, 2, 3])
+    ranks = ClientValues(4, lambda ids: 2 ** (tiers[ids] - 1), np.int64)
+    assert ranks[1] == 4 and ranks[[0, 2]].tolist() == [1, 2]
+    ranks[1] = 2
+    assert ranks[np.array([1, 3])].tolist() == [2, 4] and ranks.to_json() == {"1": 2}
+    losses = ClientValues(100_000, np.inf)
+    losses[[5, 99_999]] = [0.5, 0.25]
+    assert losses[-1] == 0.25 and losses[6] == np.inf and len(losses.to_json()) == 2
+    with pytest.raises(IndexError, match="population 100000"):
+        losses[100_000]
+    # An older checkpoint's dense list loads as the same values, kept sparse.
+    again = ClientValues(4, lambda ids: 2 ** (tiers[ids] - 1), np.int64)
+    again.load_json([1, 2, 2, 4], missing=0)
+    assert again.to_json() == {"1": 2}
+    inf_again = ClientValues(3, np.inf)
+    inf_again.load_json({"0": None, "2": 0.1}, missing=np.inf)
+    assert inf_again[[0, 1, 2]].tolist() == [np.inf, np.inf, 0.1]

@@ -35,6 +35,7 @@ import torch
 from fedlora.comm import codec
 from fedlora.config import check
 from fedlora.methods.base import Client, Server
+from fedlora.methods.client_state import ClientValues
 from fedlora.methods.tiers import Tiers, TierSettings
 from fedlora.model.layers import Layer, adapted_layers, entry_mask, rank_mask, view
 from fedlora.rng import torch_generator
@@ -154,7 +155,8 @@ class FLoRAStacking(Server):
         self.head_mask = ~(self.w_mask | lora)
         self._masks: dict[int, torch.Tensor] = {}
         self.w0: torch.Tensor | None = None  # pretrained W entries of P
-        self.last_download = np.zeros(num_clients, dtype=np.int64)  # 0 = never
+        # Round of each client's last download (0 = never), stored for sampled clients only.
+        self.last_download = ClientValues(num_clients, 0, np.int64)
         self.merge_payload = b""  # the previous round's merged update, encoded
         self.merge_ranks: list[int] = []
         self.known: torch.Tensor | None = None  # P as this round's clients start from it
@@ -247,7 +249,10 @@ class FLoRAStacking(Server):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.w0 is None:
             return {}
-        return {"w0": self.w0, "last_download": torch.from_numpy(self.last_download),
+        seen = list(self.last_download.items())  # sparse: (client, round) of sampled clients
+        return {"w0": self.w0,
+                "last_download_clients": torch.tensor([c for c, _ in seen], dtype=torch.int64),
+                "last_download_rounds": torch.tensor([r for _, r in seen], dtype=torch.int64),
                 "merge_payload": torch.frombuffer(bytearray(self.merge_payload) or
                                                   bytearray(1), dtype=torch.uint8)}
 
@@ -256,8 +261,12 @@ class FLoRAStacking(Server):
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.w0 = tensors.get("w0")
-        if "last_download" in tensors:
-            self.last_download = tensors["last_download"].cpu().numpy().astype(np.int64)
+        if "last_download_clients" in tensors:
+            ids = tensors["last_download_clients"].cpu().numpy()
+            self.last_download.load_json({}, missing=0)
+            self.last_download[ids] = tensors["last_download_rounds"].cpu().numpy()
+        elif "last_download" in tensors:  # an older checkpoint's dense vector
+            self.last_download.load_json(tensors["last_download"].cpu().tolist(), missing=0)
         size = int(meta.get("merge_bytes", 0))
         payload = tensors.get("merge_payload")
         self.merge_payload = b"" if payload is None else bytes(payload.cpu().numpy()[:size])
