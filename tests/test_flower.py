@@ -162,7 +162,7 @@ def test_faults_killed_corrupt_and_late(tmp_path, tiny_bert_dir):
     rows = read_jsonl(out / "metrics.jsonl")
     log = (out / "flower.log").read_text()
     node = rows[0]["nodes"]
-    assert rows[0]["aggregated"] == 1 and rows[0]["dropped"] == [1, 2, 3]  # client 0 only
+    assert rows[0]["aggregated"] == 1 and sorted(rows[0]["dropped"]) == [1, 2, 3]
     why = rows[0]["dropped_reasons"]
     # The killed node: Flower reports it unavailable (missed heartbeats) or it never answers.
     assert why["1"].startswith(f"node {node['1']}: ")

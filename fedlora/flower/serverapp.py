@@ -30,6 +30,7 @@ from fedlora.protocol import ClientResult, ClientTask, ProtocolError
 log = logging.getLogger("fedlora.flower")
 
 QUERY_RECORD = "fedlora.node"  # the ClientApp's answer to a query (see clientapp.py)
+MAX_REASON = 400  # characters of a Flower error kept in a drop reason
 
 app = ServerApp()
 
@@ -192,7 +193,9 @@ def exchange(grid: Grid, t: int, tasks: list[ClientTask], nodes: NodeDirectory,
 def _read_reply(reply: Message, t: int, c: int, node: int) -> ClientResult | str:
     """The ClientResult a reply carries, or why it carries none (naming the node)."""
     if reply.has_error():
-        return f"node {node}: ClientApp error {reply.error.code}: {reply.error.reason}"
+        reason = reply.error.reason  # Ray's out-of-memory reasons run to pages
+        reason = reason if len(reason) <= MAX_REASON else reason[:MAX_REASON] + "..."
+        return f"node {node}: ClientApp error {reply.error.code}: {reason}"
     try:
         res = read_result(reply.content)
     except (ProtocolError, ValueError, TypeError) as e:
