@@ -391,7 +391,8 @@ class RoundServer:
         rows = rundir.read_jsonl(self.out / "metrics.jsonl")
         evals = [r for r in rows if self.task.utility in r]
         final = {k: v for k, v in (evals[-1] if evals else {}).items()
-                 if k not in ("round", "clients", "aggregated", "dropped")}
+                 if k not in ("round", "clients", "aggregated", "dropped", "dropped_reasons",
+                              "nodes", "late_replies")}
         summary = {
             "finished": self.round >= self.cfg.rounds, "rounds": self.round,
             "utility": self.task.utility,
