@@ -39,7 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedlora.config import load_config  # noqa: E402
-from fedlora.engine import Simulation  # noqa: E402
+from fedlora.engine import (
+    Simulation,  # noqa: E402
+    resolve_config,  # noqa: E402
+)
 from fedlora.model.lora import trains_backbone  # noqa: E402
 from fedlora.tasks import build_task  # noqa: E402
 
@@ -87,7 +90,8 @@ class Runner:
             summary = json.loads(done.read_text())  # a rerun into the same --out skips it
             print(f"  {name}: finished earlier, reused", flush=True)
             return summary
-        cfg = load_config(None, [f"{k}={v}" for k, v in {**self.base, **overrides}.items()])
+        cfg = resolve_config(load_config(None, [f"{k}={v}" for k, v in
+                                                {**self.base, **overrides}.items()]))
         key = (trains_backbone(cfg), cfg.model.rank)
         if key not in self.tasks:
             task = build_task(cfg)

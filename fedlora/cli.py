@@ -17,9 +17,9 @@ def _default_out(kind: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.config import load_config
-    from fedlora.engine import Simulation
+    from fedlora.engine import Simulation, resolve_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = resolve_config(load_config(args.config, args.set))
     out = Path(args.out) if args.out else _default_out(cfg.method.name)
     summary = Simulation(cfg, out, progress=not args.no_progress).run()
     print(json.dumps({"run_dir": str(out), **summary["final"],
@@ -51,9 +51,10 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     population = args.population
     if population is None:  # the real number of non-empty clients of this partition
+        from fedlora.engine import resolve_config
         from fedlora.tasks import build_task
 
-        population = len(build_task(cfg).data.eligible)
+        population = len(build_task(resolve_config(cfg)).data.eligible)
     cohort = min(cfg.clients_per_round, population)
     kw = dict(rounds=cfg.rounds, sampling=cfg.sampling, population=population,
               cohort_size=cohort, delta=args.delta if args.delta is not None else cfg.dp.delta,

@@ -15,6 +15,10 @@ from typing import Any
 
 import yaml
 
+from fedlora.comm.codec import VALUE_FORMATS
+
+OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")  # fedlora/server/optim.py
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the dotted field."""
@@ -44,19 +48,25 @@ class ModelConfig:
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None = the task's default (query/value)
     train_head: bool = True
+    # What the flat vector holds: lora | backbone (every weight) | lora+weights (LoRA and the
+    # adapted W). None: what the method trains (filled in by fedlora.engine.resolve_config).
+    trainable: str | None = None
 
 
 @dataclass
 class MethodConfig:
+    """`method.name` picks the method; every other `method.*` key is that method's own
+    setting (e.g. FLASC's `d_up`), typed, defaulted and validated by the method itself
+    (`fedlora.methods.resolve_settings`), peft-style: one small config per method."""
+
     name: str = "flasc"
-    d_down: float = 1.0
-    d_up: float = 0.25
-    density: float = 0.25  # fixed-density baselines
-    prune_ratio: float = 0.02  # adapter_lth / fedsparsify: fraction removed per prune
-    prune_every: int = 1  # rounds between prunes
-    stage1_rounds: int = 10  # flora_two_stage: full-rank Stage 1 rounds (paper: 50 of 200)
-    stage1_density: float = 1.0  # flora_two_stage Stage 1: 1 = FLoRA, e.g. 0.1 = SLoRA
-    stage1_lr: float | None = None  # flora_two_stage: server lr on W in Stage 1 (None: server.lr)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:
+        settings = self.__dict__.get("settings", {})
+        if key in settings:
+            return settings[key]
+        raise AttributeError(f"method {self.__dict__.get('name')!r} has no setting {key!r}")
 
 
 @dataclass
@@ -140,7 +150,9 @@ class Config:
     het: HetConfig = field(default_factory=HetConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["method"] = {"name": self.method.name, **self.method.settings}
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -198,9 +210,18 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """A typed dataclass from a mapping: unknown keys and bad types raise a ConfigError that
+    names the dotted field (also used by each method for its own settings)."""
+    return _build(cls, data, prefix)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    if cls is MethodConfig:  # the method's own keys are typed later, by the method
+        name = _coerce(data.get("name", MethodConfig.name), "str", f"{prefix}.name")
+        return MethodConfig(name, {k: _parse_number(v) for k, v in data.items() if k != "name"})
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -282,21 +303,23 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 # ---------------------------------------------------------------- validation
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming the dotted field `key` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _density(value: float, key: str) -> None:
-    _check(0.0 < value <= 1.0 and math.isfinite(value), key, f"must be in (0, 1], got {value}")
+def check_density(value: float, key: str) -> None:
+    check(0.0 < value <= 1.0 and math.isfinite(value), key, f"must be in (0, 1], got {value}")
+
+
+_check, _density = check, check_density
 
 
 def validate(cfg: Config) -> None:
-    """Check ranges and names; registries are imported lazily to keep imports one-way."""
-    from fedlora.comm.codec import VALUE_FORMATS
-    from fedlora.methods import METHODS
-    from fedlora.server.optim import OPTIMIZERS
-    from fedlora.tasks import TASKS
+    """Check every general field's range and name. The task and method names, and each
+    method's own settings, are checked where they are defined (`fedlora.engine.resolve_config`),
+    so this module imports nothing of fedlora's."""
 
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
     _check(cfg.clients_per_round >= 1, "clients_per_round", "must be >= 1")
@@ -310,7 +333,6 @@ def validate(cfg: Config) -> None:
         f"must be auto, cpu or cuda[:N], got {cfg.device!r}",
     )
     t = cfg.task
-    _check(t.name in TASKS, "task.name", f"unknown task {t.name!r} (valid: {', '.join(TASKS)})")
     _check(t.num_clients >= 1, "task.num_clients", "must be >= 1")
     parts = ("dirichlet", "iid", "natural", "iid_mix")
     _check(t.partition in parts, "task.partition", f"must be one of {', '.join(parts)}")
@@ -327,16 +349,9 @@ def validate(cfg: Config) -> None:
     _check(m.rank >= 1, "model.rank", f"must be >= 1, got {m.rank}")
     _check(m.alpha > 0, "model.alpha", "must be > 0")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    me = cfg.method
-    _check(me.name in METHODS, "method.name",
-           f"unknown method {me.name!r} (valid: {', '.join(METHODS)})")
-    for k in ("d_down", "d_up", "density"):
-        _density(getattr(me, k), f"method.{k}")
-    _check(0.0 <= me.prune_ratio < 1.0, "method.prune_ratio", "must be in [0, 1)")
-    _check(me.prune_every >= 1, "method.prune_every", "must be >= 1")
-    _check(me.stage1_rounds >= 1, "method.stage1_rounds", "must be >= 1")
-    _density(me.stage1_density, "method.stage1_density")
-    _check(me.stage1_lr is None or me.stage1_lr > 0, "method.stage1_lr", "must be > 0 or null")
+    trainables = ("lora", "backbone", "lora+weights")
+    _check(m.trainable is None or m.trainable in trainables, "model.trainable",
+           f"must be one of {', '.join(trainables)} or null, got {m.trainable!r}")
     c = cfg.client
     _check(c.lr > 0, "client.lr", "must be > 0")
     _check(0.0 <= c.momentum < 1.0, "client.momentum", "must be in [0, 1)")
@@ -370,25 +385,16 @@ def validate(cfg: Config) -> None:
     _check(h.rank_allocation in allocations, "het.rank_allocation",
            f"must be one of {', '.join(allocations)}, got {h.rank_allocation!r}")
     if h.self_prune:
-        _check(me.name == "hetlora", "het.self_prune",
-               f"only applies to method hetlora (clients of rank r_c), not {me.name}")
         _check(h.prune_gamma < 1.0, "het.prune_gamma",
                "must be < 1 with het.self_prune (gamma = 1 never prunes)")
     else:
         _check(h.prune_lambda == 0, "het.prune_lambda", "is only used with het.self_prune=true")
     if h.rank_allocation == "loss":
-        _check(me.name == "hetlora", "het.rank_allocation",
-               f"loss only applies to method hetlora (rank per client), not {me.name}")
         _check(not h.self_prune, "het.rank_allocation",
                "loss reassigns ranks every round; it cannot be combined with het.self_prune")
         _check(not cfg.dp.enabled, "het.rank_allocation",
                "loss lets one client's reported loss change another's rank, outside the DP "
                "mechanism; use tier with dp.enabled")
-    if me.name in ("hetlora", "flasc_tiers", "all_lowest_tier", "highest_tier_only",
-                   "flora_stacking"):
-        r_s = h.r_base ** (h.tiers - 1)
-        _check(m.rank == r_s, "model.rank", f"must equal the server rank r_base^(tiers-1) = "
-               f"{r_s} for method {me.name} (set model.rank={r_s})")
     dp = cfg.dp
     _check(dp.clip > 0, "dp.clip", f"must be > 0 (inf = no clipping), got {dp.clip}")
     _check(dp.noise_multiplier >= 0, "dp.noise_multiplier", "must be >= 0")
@@ -400,10 +406,6 @@ def validate(cfg: Config) -> None:
     if dp.delta is not None:
         _check(0 < dp.delta < 1, "dp.delta", "must be in (0, 1)")
     _check(dp.accountant in ("auto", "pld", "rdp"), "dp.accountant", "must be auto, pld or rdp")
-    _check(not (dp.enabled and me.name == "flora_stacking"), "dp.enabled",
-           "flora_stacking merges the clients' factors itself; DP is not supported with it")
-    _check(not (dp.enabled and me.name == "flora_two_stage" and me.stage1_lr is not None),
-           "method.stage1_lr", "steps W outside the DP aggregate; leave it null with dp.enabled")
     if dp.enabled and dp.accountant == "pld":
         _check(cfg.sampling == "poisson", "dp.accountant",
                "pld accounts Poisson sampling only; with sampling=fixed use rdp (replace-one)")

@@ -28,18 +28,28 @@ from fedlora.client.store import ClientStore
 from fedlora.client.train import train_client
 from fedlora.comm import codec
 from fedlora.comm.ledger import Ledger
-from fedlora.config import Config, config_from_dict
+from fedlora.config import Config, check, config_from_dict
 from fedlora.data.federated import client_batches
-from fedlora.methods import METHODS, build_method
+from fedlora.methods import METHODS, build_method, resolve_settings
 from fedlora.model.flat import FlatAdapter
 from fedlora.privacy import EpsilonReport, epsilon, privatize, validate_privacy_config
 from fedlora.protocol import ClientResult, ClientTask
 from fedlora.rng import np_rng, torch_generator, torch_seed
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
-from fedlora.tasks import build_task
+from fedlora.tasks import TASKS, build_task
 
 log = logging.getLogger("fedlora")
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Finish a loaded config for running, in place: the task and method names, the method's
+    own typed settings (`method.*`) and what the flat vector holds (`model.trainable`).
+    `load_config` checks the general fields; this layer knows the registries."""
+    check(cfg.task.name in TASKS, "task.name",
+          f"unknown task {cfg.task.name!r} (valid: {', '.join(TASKS)})")
+    resolve_settings(cfg)
+    return cfg
 
 
 class ClientRunner:
@@ -140,7 +150,7 @@ class RoundServer:
 
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False,
                  progress: bool = True, task=None):
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress = resolve_config(cfg), progress
         self.out = rundir.prepare(Path(out), resume, create=False)
         self.task = task if task is not None else build_task(cfg)
         if getattr(self.task, "adapter", None) is None:

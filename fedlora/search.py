@@ -23,7 +23,7 @@ FLASC-S, as implemented (Algorithm 2; rank grid ``r_1 < r_2 < ... < r_M``, densi
 Reading of Algorithm 2. The paper text we work from is a PDF extraction with
 garbled indices: line 8 reads ``for j = i..M`` and line 9 ``y_j = FLASC(r_3, d_i * r_1/r_2)``.
 We read these as ``for j = 3..M`` and ``FLASC(r_j, d_i)``, following the prose of Sec. 4.2
-("we fix d and increase the rank") and METHODS.md ("fix that density and increase the rank
+("we fix d and increase the rank") and the method rules ("fix that density and increase the rank
 along the grid"); ``d_i * r_1 / r_2`` would change the density at every rank, which neither
 says.
 

@@ -66,6 +66,23 @@ def make_text_file(p: Path) -> Path:
     return p
 
 
+@pytest.fixture(scope="session")
+def tiny_lora_adapter():
+    """A FlatAdapter over a 2-layer, 16-wide random BERT with rank-4 LoRA on query/value
+    and a 3-class head (no tokenizer, no data)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlora.model.flat import FlatAdapter
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    model = get_peft_model(BertForSequenceClassification(cfg), LoraConfig(
+        r=4, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    return FlatAdapter(model)
+
+
 @pytest.fixture
 def text_file(tmp_path) -> Path:
     return make_text_file(tmp_path / "data.jsonl")

@@ -14,6 +14,13 @@ from fedlora.server.optim import ServerOptimizer
 
 # ---------------------------------------------------------------- TopKMask
 
+def resolved(*args, **kw):
+    """load_config, then what the engine adds: task and method names, method settings."""
+    from fedlora.engine import resolve_config
+
+    return resolve_config(load_config(*args, **kw))
+
+
 
 def test_topk_k_is_floor_and_at_least_one():
     assert num_kept(100, 0.25) == 25
@@ -183,12 +190,12 @@ def test_weighted_mean_is_sequential():
 ])
 def test_config_errors_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, override)
+        resolved(None, override)
 
 
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(ConfigError, match="flasc"):
-        load_config(None, ["method.name=flask"])
+        resolved(None, ["method.name=flask"])
 
 
 def test_config_accepts_fractions_and_yaml(tmp_path):
@@ -198,7 +205,7 @@ def test_config_accepts_fractions_and_yaml(tmp_path):
     assert cfg.rounds == 3 and cfg.method.d_up == 1 / 16 and cfg.model.rank == 8
     assert cfg.model.target_modules == ["query", "key"]
     with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "missing.yaml")
+        resolved(tmp_path / "missing.yaml")
 
 
 # ---------------------------------------------------------------- flat vector

@@ -15,6 +15,14 @@ from fedlora.rng import torch_generator
 from fedlora.rundir import read_jsonl
 
 
+def resolved(*args, **kw):
+    """load_config, then what the engine adds: task and method names, method settings."""
+    from fedlora.engine import resolve_config
+
+    return resolve_config(load_config(*args, **kw))
+
+
+
 def _sim(tmp_path, name, tiny_bert_dir, text_file, **extra):
     cfg = load_config(None, tiny_overrides(tiny_bert_dir, text_file, **extra))
     return Simulation(cfg, tmp_path / name, progress=False)
@@ -79,10 +87,10 @@ def test_poisson_sampling_records_empty_rounds(tmp_path, tiny_bert_dir, text_fil
 
 def test_accountant_sampling_mismatch_is_refused():
     with pytest.raises(ConfigError, match="dp.accountant"):
-        load_config(None, ["dp.enabled=true", "dp.accountant=pld", "sampling=fixed",
+        resolved(None, ["dp.enabled=true", "dp.accountant=pld", "sampling=fixed",
                            "dp.clip=1", "dp.noise_multiplier=1"])
     with pytest.raises(ConfigError, match="dp.clip"):
-        load_config(None, ["dp.enabled=true", "dp.noise_multiplier=1"])
+        resolved(None, ["dp.enabled=true", "dp.noise_multiplier=1"])
 
 
 def test_privacy_cli_calibrates_sigma(capsys):

@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 from fedlora.comm import codec
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
-from fedlora.methods.flora import view
+from fedlora.model.layers import view
 from fedlora.rng import torch_generator
 from fedlora.rundir import read_jsonl
 
@@ -19,6 +19,13 @@ TIMING = ("wall_s", "eval_s")
 TWO_STAGE = {"method.name": "flora_two_stage", "method.stage1_rounds": 2}
 STACKING = {"method.name": "flora_stacking", "het.tiers": 3, "het.r_base": 2, "model.rank": 4,
             "clients_per_round": 4}
+
+def resolved(*args, **kw):
+    """load_config, then what the engine adds: task and method names, method settings."""
+    from fedlora.engine import resolve_config
+
+    return resolve_config(load_config(*args, **kw))
+
 
 
 @pytest.fixture(autouse=True)
@@ -119,11 +126,11 @@ def test_stage1_lr_steps_w_with_its_own_learning_rate(tmp_path, tiny_bert_dir, t
 
 def test_two_stage_config_is_validated():
     with pytest.raises(ConfigError, match="method.stage1_density"):
-        load_config(None, ["method.name=flora_two_stage", "method.stage1_density=0"])
+        resolved(None, ["method.name=flora_two_stage", "method.stage1_density=0"])
     with pytest.raises(ConfigError, match="method.stage1_rounds"):
-        load_config(None, ["method.name=flora_two_stage", "method.stage1_rounds=0"])
+        resolved(None, ["method.name=flora_two_stage", "method.stage1_rounds=0"])
     with pytest.raises(ConfigError, match="method.stage1_lr"):
-        load_config(None, ["method.name=flora_two_stage", "method.stage1_lr=1e-3",
+        resolved(None, ["method.name=flora_two_stage", "method.stage1_lr=1e-3",
                            "dp.enabled=true"])
 
 
@@ -189,7 +196,7 @@ def test_stacking_download_bytes_are_the_encoded_merged_update(tmp_path, tiny_be
 
 def test_stacking_refuses_dp():
     with pytest.raises(ConfigError, match="dp.enabled"):
-        load_config(None, ["method.name=flora_stacking", "het.tiers=3", "het.r_base=2",
+        resolved(None, ["method.name=flora_stacking", "het.tiers=3", "het.r_base=2",
                            "model.rank=4", "dp.enabled=true"])
 
 

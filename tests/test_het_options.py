@@ -13,7 +13,8 @@ from conftest import tiny_overrides
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
 from fedlora.methods.base import Client, Server
-from fedlora.methods.hetlora import HetLoRA, HetLoRAClient, lora_pairs, model_tail_norm
+from fedlora.methods.hetlora import HetLoRA, HetLoRAClient, model_tail_norm
+from fedlora.model.layers import lora_pairs
 from fedlora.protocol import ClientTask
 from fedlora.rundir import read_jsonl
 from fedlora.server import hetero
@@ -24,6 +25,13 @@ HET = {"method.name": "hetlora", "het.tiers": 3, "het.r_base": 2, "model.rank": 
 PRUNE = {"het.self_prune": True, "het.prune_lambda": 10.0, "het.prune_gamma": 0.5}
 LOSS = {"het.rank_allocation": "loss", "het.aggregation": "replication_pad"}
 TIMING = ("wall_s", "eval_s")
+
+def resolved(*args, **kw):
+    """load_config, then what the engine adds: task and method names, method settings."""
+    from fedlora.engine import resolve_config
+
+    return resolve_config(load_config(*args, **kw))
+
 
 
 def _sim(tmp_path, name, tiny_bert_dir, text_file, **extra) -> Simulation:
@@ -303,7 +311,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_bert_dir, text_file, 
 def test_bad_config_names_the_field(sets, field):
     base = {"method.name": "hetlora", "het.tiers": 3, "het.r_base": 2, "model.rank": 4}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, [f"{k}={v}" for k, v in {**base, **sets}.items()])
+        resolved(None, [f"{k}={v}" for k, v in {**base, **sets}.items()])
 
 
 def test_good_config_defaults_off():

@@ -33,33 +33,31 @@ HAND_Bs = [t([[1, 0], [0, 1]]), t([[2], [4]]), t([[0], [8]])]
 HAND_W = [0.5, 0.25, 0.25]
 
 
-# ------------------------------------------------------------------ truncate / pad
+# ------------------------------------------------------------------ truncation (rank masks)
 
 
-def test_truncate_keeps_server_scaling():
-    A = t([[1, 0], [0, 1], [1, 1]])  # r_s = 3, in = 2
-    B = t([[1, 2, 3]])  # out = 1
-    alpha, r_s = 6.0, 3
-    s = alpha / r_s  # 2, fixed under truncation
-    At, Bt = hetero.truncate(A, B, 2)
-    assert At.shape == (2, 2) and Bt.shape == (1, 2)
-    # s * (1 * [1, 0] + 2 * [0, 1]) = [2, 4]; rescaling by alpha / r_c = 3 would give [3, 6]
-    assert torch.equal(s * Bt @ At, t([[2, 4]]))
-    # views: the server tensors are shared, not copied
-    assert At.data_ptr() == A.data_ptr() and Bt.data_ptr() == B.data_ptr()
-    with pytest.raises(ValueError):
-        hetero.truncate(A, B, 4)
-    with pytest.raises(ValueError):
-        hetero.truncate(A, B, 0)
+def test_rank_mask_is_the_first_components_and_keeps_server_scaling(tiny_lora_adapter):
+    """What a rank-r_c client trains and sends: rows < r_c of A, columns < r_c of B, the
+    rest (head) whole; the scaling stays alpha / r_s, so the kept components are exactly
+    the server's first r_c (no rescaling)."""
+    from fedlora.model.layers import lora_layers, rank_mask, view
 
-
-def test_pad_is_zero_and_keeps_product():
-    A, B = hetero.pad(t([[5, 6]]), t([[2], [4]]), 3)
-    assert torch.equal(A, t([[5, 6], [0, 0], [0, 0]]))
-    assert torch.equal(B, t([[2, 0, 0], [4, 0, 0]]))
-    assert torch.equal(B @ A, t([[2], [4]]) @ t([[5, 6]]))
-    with pytest.raises(ValueError):
-        hetero.pad(A, B, 2)
+    adapter = tiny_lora_adapter
+    mask = rank_mask(adapter, 2)
+    layers = lora_layers(adapter)
+    assert layers
+    for ly in layers:
+        A, B = view(mask, ly.A), view(mask, ly.B)
+        assert A[:2].all() and not A[2:].any() and B[:, :2].all() and not B[:, 2:].any()
+    lora = torch.zeros(adapter.n, dtype=torch.bool)
+    for ly in layers:
+        lora[ly.A.slice] = lora[ly.B.slice] = True
+    assert mask[~lora].all()  # the head is always whole
+    P = torch.randn(adapter.n, generator=torch.Generator().manual_seed(0))
+    for ly in layers:  # s * B[:, :2] @ A[:2] == the server's first two components
+        A, B = view(P, ly.A), view(P, ly.B)
+        kept = view(P * mask, ly.B) @ view(P * mask, ly.A)
+        assert torch.allclose(kept, B[:, :2] @ A[:2], atol=1e-6)
 
 
 # ------------------------------------------------------------------ zero / replication padding
@@ -170,7 +168,11 @@ def test_sparsity_weights_match_frobenius_norms():
     got = hetero.sparsity_weights(As, Bs, 0.5)
     assert got == pytest.approx([n / sum(norms) for n in norms], rel=1e-12)
     # padding does not change the weights
-    padded = [hetero.pad(A, B, 4) for A, B in zip(As, Bs, strict=True)]
+    padded = []
+    for A, B in zip(As, Bs, strict=True):
+        Ap, Bp = A.new_zeros(4, A.shape[1]), B.new_zeros(B.shape[0], 4)
+        Ap[: A.shape[0]], Bp[:, : B.shape[1]] = A, B
+        padded.append((Ap, Bp))
     got_p = hetero.sparsity_weights([a for a, _ in padded], [b for _, b in padded], 0.5)
     assert got_p == pytest.approx(got, rel=1e-12)
     assert hetero.sparsity_weights([torch.zeros(1, 2)] * 2, [torch.zeros(3, 1)] * 2) == [0.5, 0.5]

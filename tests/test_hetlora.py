@@ -9,12 +9,19 @@ from conftest import tiny_overrides
 
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
-from fedlora.methods.hetlora import lora_pairs
+from fedlora.model.layers import lora_pairs
 from fedlora.rundir import read_jsonl
 from fedlora.server import hetero
 
 HET = {"het.tiers": 3, "het.r_base": 2, "model.rank": 4, "rounds": 1, "task.num_clients": 6,
        "server.optimizer": "fedavg", "server.lr": 1.0, "clients_per_round": 4}
+
+def resolved(*args, **kw):
+    """load_config, then what the engine adds: task and method names, method settings."""
+    from fedlora.engine import resolve_config
+
+    return resolve_config(load_config(*args, **kw))
+
 
 
 def _sim(tmp_path, name, tiny_bert_dir, text_file, **extra):
@@ -104,5 +111,5 @@ def test_highest_tier_only_samples_the_top_tier(tmp_path, tiny_bert_dir, text_fi
 
 def test_rank_must_match_the_tiers():
     with pytest.raises(ConfigError, match="model.rank"):
-        load_config(None, ["method.name=hetlora", "het.tiers=3", "het.r_base=4",
+        resolved(None, ["method.name=hetlora", "het.tiers=3", "het.r_base=4",
                            "model.rank=8"])

@@ -8,7 +8,7 @@ import torch
 
 
 def num_kept(n: int, density: float) -> int:
-    """k = floor(d * n), at least one entry when d > 0 (METHODS.md)."""
+    """k = floor(d * n), at least one entry when d > 0 (docs/methods.md)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     return min(n, max(1, math.floor(density * n)))

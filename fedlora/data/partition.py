@@ -19,7 +19,7 @@ def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
 
 def dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
               rng: np.random.Generator) -> list[np.ndarray]:
-    """Dirichlet label skew (paper 4.3, METHODS.md).
+    """Dirichlet label skew (paper 4.3, docs/engine.md).
 
     Each client k draws p_k ~ Dir(alpha * 1_C); each class column is normalised
     across clients, q_kc = p_kc / sum_k' p_k'c, and client k receives round(q_kc N_c)

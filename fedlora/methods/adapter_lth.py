@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlora.config import check
+from fedlora.methods.base import Settings
 from fedlora.methods.masked import Masked
 
 
@@ -27,7 +29,19 @@ def lth_density(round_: int, prune_ratio: float, prune_every: int) -> float:
 
 
 @dataclass
+class PruneSettings(Settings):
+    prune_ratio: float = 0.02  # fraction of the alive entries removed at each prune
+    prune_every: int = 1  # rounds between prunes
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check(0.0 <= self.prune_ratio < 1.0, "method.prune_ratio", "must be in [0, 1)")
+        check(self.prune_every >= 1, "method.prune_every", "must be >= 1")
+
+
+@dataclass
 class AdapterLTH(Masked):
+    settings = PruneSettings
     prunes: int = 0  # prunes done so far; round t has done floor((t - 1) / q)
 
     def begin_round(self, P: torch.Tensor, round_: int) -> None:

@@ -23,9 +23,22 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedlora.config import Config
+from fedlora.config import Config, check
 from fedlora.model.flat import FlatAdapter
 from fedlora.protocol import ClientTask
+
+
+@dataclass
+class Settings:
+    """A method's own `method.*` settings (peft-style: one small typed config per method).
+    The base has none; a method subclasses it and validates its fields in `validate`."""
+
+    def validate(self, cfg: Config, method: str) -> None:
+        het = cfg.het
+        check(not het.self_prune, "het.self_prune",
+              f"only applies to method hetlora (clients of rank r_c), not {method}")
+        check(het.rank_allocation == "tier", "het.rank_allocation",
+              f"loss only applies to method hetlora (rank per client), not {method}")
 
 
 class Client:
@@ -78,6 +91,7 @@ class Server:
     cfg: Config
     adapter: FlatAdapter
     client: ClassVar[type[Client]] = Client
+    settings: ClassVar[type[Settings]] = Settings
     # True: the task builds the model without LoRA and trains every backbone weight
     # (sparse-backbone baselines). True: the adapted weights W join the flat vector too.
     trains_backbone: ClassVar[bool] = False

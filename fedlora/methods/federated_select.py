@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.masked import Masked
+from fedlora.methods.masked import DensitySettings, Masked
 
 
 class FederatedSelect(Masked):
+    settings = DensitySettings
+
     def begin_round(self, P: torch.Tensor, round_: int) -> None:
         self.mask = self.select(P.abs(), self.cfg.method.density)

@@ -35,52 +35,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlora.methods.base import Client, Server
-from fedlora.model.flat import Entry, FlatAdapter
+from fedlora.config import check, check_density
+from fedlora.methods.base import Client, Server, Settings
+from fedlora.model.flat import FlatAdapter
+from fedlora.model.layers import Layer, adapted_layers, entry_mask, view
 from fedlora.rng import torch_generator
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
 from fedlora.server.svd_init import slora_mask, svd_init
 
 log = logging.getLogger("fedlora")
-
-WEIGHT_SUFFIX = ".base_layer.weight"
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One adapted weight: W (out x in), A (r x in), B (out x r), as entries of P."""
-
-    W: Entry
-    A: Entry
-    B: Entry
-
-
-def adapted_layers(adapter: FlatAdapter) -> list[Layer]:
-    """Every LoRA-wrapped weight with its factors, matched by module name, in layout order."""
-    entries = {e.name: e for e in adapter.layout}
-    layers = []
-    for name, e in entries.items():
-        if name.endswith(WEIGHT_SUFFIX):
-            prefix = name[: -len(WEIGHT_SUFFIX)]
-            a = [v for k, v in entries.items() if k.startswith(f"{prefix}.lora_A.")]
-            b = [v for k, v in entries.items() if k.startswith(f"{prefix}.lora_B.")]
-            if len(a) == 1 and len(b) == 1:
-                layers.append(Layer(e, a[0], b[0]))
-    if not layers:
-        raise ValueError("the flat vector holds no adapted weights W (trains_target_weights)")
-    return layers
-
-
-def entry_mask(adapter: FlatAdapter, entries: list[Entry]) -> torch.Tensor:
-    """Boolean mask over P of these layout entries."""
-    names = {e.name for e in entries}
-    return adapter.named_slices(names.__contains__)
-
-
-def view(v: torch.Tensor, e: Entry) -> torch.Tensor:
-    return v[e.slice].view(e.shape)
-
 
 @dataclass(frozen=True)
 class StageMasks:
@@ -127,8 +91,25 @@ class FLoRAClient(Client):
 
 
 @dataclass
+class TwoStageSettings(Settings):
+    stage1_rounds: int = 10  # full-rank Stage 1 rounds (paper: 50 of 200)
+    stage1_density: float = 1.0  # Stage 1: 1 = FLoRA, < 1 = SLoRA's fixed random subset of W
+    stage1_lr: float | None = None  # server lr on W in Stage 1 (None: server.lr)
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check(self.stage1_rounds >= 1, "method.stage1_rounds", "must be >= 1")
+        check_density(self.stage1_density, "method.stage1_density")
+        check(self.stage1_lr is None or self.stage1_lr > 0, "method.stage1_lr",
+              "must be > 0 or null")
+        check(not (cfg.dp.enabled and self.stage1_lr is not None), "method.stage1_lr",
+              "steps W outside the DP aggregate; leave it null with dp.enabled")
+
+
+@dataclass
 class FLoRATwoStage(Server):
     client = FLoRAClient
+    settings = TwoStageSettings
     trains_target_weights = True
     w0: torch.Tensor | None = field(default=None, repr=False)  # pretrained W entries of P
     svd: dict = field(default_factory=dict)  # relative truncation errors, set at the switch

@@ -1,4 +1,4 @@
-"""HetLoRA (Cho et al. 2023) and the budget-tier baselines of paper Sec. 4.4.
+"""HetLoRA (Cho et al. 2023) and the tier baselines of paper Sec. 4.4 (FLASC's: flasc.py).
 
 Client c in tier b_c (its rank told in the instruction) trains a rank r_c = r_base^(b_c - 1)
 slice of the global rank-r_s LoRA: the first r_c rows of every A and first r_c columns of
@@ -28,61 +28,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedlora.config import HetConfig
 from fedlora.methods.base import Client, Server
-from fedlora.methods.flasc import FLASC
+from fedlora.methods.tiers import Tiers, TierSettings
+from fedlora.model.layers import lora_pairs, param_pairs, rank_mask
 from fedlora.server.hetero import (
-    assign_tiers,
     loss_based_ranks,
+    padded_pseudo_gradient,
+    product_norms,
     pruned_rank,
     tail_norm,
     tail_penalty,
     tier_rank,
 )
-
-
-def rank_mask(adapter, r: int) -> torch.Tensor:
-    """Entries of P in the first r LoRA components (plus everything that is not LoRA)."""
-    mask = torch.ones(adapter.n, dtype=torch.bool, device=adapter.vector.device)
-    for e in adapter.layout:
-        if "lora_A" in e.name:  # (r_s, in): component j is row j
-            mask[e.slice].view(e.shape)[r:, :] = False
-        elif "lora_B" in e.name:  # (out, r_s): component j is column j
-            mask[e.slice].view(e.shape)[:, r:] = False
-    return mask
-
-
-def lora_pairs(adapter, vector: torch.Tensor):
-    """(A, B) views of every LoRA layer in `vector`, matched by module name."""
-    entries = {e.name: e for e in adapter.layout}
-    for name, e in entries.items():
-        if "lora_A" in name:
-            b = entries[name.replace("lora_A", "lora_B")]
-            yield vector[e.slice].view(e.shape), vector[b.slice].view(b.shape)
-
-
-@dataclass
-class Tiers:
-    """Budget tiers (paper Sec. 4.4): each client's tier b_c from its own seeded stream, and
-    its rank r_base^(b_c - 1); the server rank r_s is the top tier's."""
-
-    het: HetConfig
-    seed: int
-    num_clients: int
-
-    def __post_init__(self) -> None:
-        self.r_s = tier_rank(self.het.tiers, self.het.r_base)
-        self.r_min = tier_rank(1, self.het.r_base)  # the lowest tier's rank
-        self.tier = assign_tiers(self.num_clients, self.het.tiers, self.seed)
-
-    def rank(self, client: int) -> int:
-        return tier_rank(int(self.tier[client]), self.het.r_base)
-
 
 # ---------------------------------------------------------------- client half
 
@@ -109,7 +70,7 @@ class HetLoRAClient(Client):
                                 int(o.get("r_min", 1)), self.rank)
         if not o.get("self_prune") or lam == 0 or pruned_rank(r, gamma, r_min) == r:
             return None
-        pairs = _param_pairs(self.adapter)
+        pairs = param_pairs(self.adapter)
         return lambda: sum(tail_penalty(A, B, r, lam, gamma, r_min) for A, B in pairs)
 
     def done(self, start, trained, stats) -> None:
@@ -138,6 +99,7 @@ def model_tail_norm(adapter, vector: torch.Tensor, r: int, gamma: float, r_min: 
 
 class HetLoRA(Server):
     client = HetLoRAClient
+    settings = TierSettings
 
     def setup(self, num_clients: int) -> None:
         het = self.cfg.het
@@ -205,26 +167,23 @@ class HetLoRA(Server):
         return self.mask_for_rank(self.rank_of(client))
 
     def aggregate(self, updates, clients, weights, P):
+        """`het.aggregation` on the rank-masked updates (fedlora.server.hetero)."""
         rule = self.cfg.het.aggregation
         masks = [self.mask_for_rank(self.rank_of(c)) for c in clients]
         p = [float(w) for w in weights] if self.cfg.server.weighted else [1.0] * len(clients)
-        if rule == "sparsity_weighted":
+        if rule == "sparsity_weighted":  # p_k = ||s B_k A_k||_F over all layers, zero padding
             scaling = self.cfg.model.alpha / self.r_s
-            p = [_product_norm(self.adapter, m * P - u, scaling) for u, m in zip(updates, masks)]
+            squares = [0.0] * len(updates)
+            trained = [list(lora_pairs(self.adapter, m * P - u)) for u, m in zip(updates, masks)]
+            for layer in range(len(trained[0])):
+                norms = product_norms([t[layer][0] for t in trained],
+                                      [t[layer][1] for t in trained], scaling)
+                squares = [sq + float(n ** 2) for sq, n in zip(squares, norms)]
+            p = [math.sqrt(sq) for sq in squares]
             if sum(p) == 0:
                 p = [1.0] * len(updates)
-        total = sum(p)
-        g = torch.zeros_like(P)
-        if rule == "replication_pad":
-            cover = torch.zeros_like(P)
-            for u, m, w in zip(updates, masks, p):
-                g.add_(u, alpha=w)
-                cover.add_(m.to(P.dtype), alpha=w)
-            return torch.where(cover > 0, g / cover.clamp_min(1e-30), torch.zeros_like(g))
-        for u, m, w in zip(updates, masks, p):  # zero padding: untrained share pulls to 0
-            g.add_(u, alpha=w / total)
-            g.add_(P * (~m), alpha=w / total)
-        return g
+            rule = "zero_pad"
+        return padded_pseudo_gradient(rule, updates, masks, p, P)
 
     def eval_vectors(self, P):
         return {f"tier{b}": P * self.mask_for_rank(tier_rank(b, self.cfg.het.r_base))
@@ -246,21 +205,6 @@ class HetLoRA(Server):
                                       dtype=np.float64)
 
 
-def _param_pairs(adapter) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, B) model parameters of every LoRA layer: a penalty on them reaches adapter.grad."""
-    params = {e.name: p for e, p in zip(adapter.layout, adapter.params)}
-    return [(p, params[name.replace("lora_A", "lora_B")])
-            for name, p in params.items() if "lora_A" in name]
-
-
-def _product_norm(adapter, vector: torch.Tensor, scaling: float) -> float:
-    """||s B A||_F over all layers of a client's trained adapter (sqrt of summed squares)."""
-    total = 0.0
-    for A, B in lora_pairs(adapter, vector):
-        total += float(torch.linalg.matrix_norm(scaling * (B @ A)) ** 2)
-    return math.sqrt(total)
-
-
 class AllLowestTier(HetLoRA):
     """Every client at tier 1 (rank 1): the bytes floor, everyone participates."""
 
@@ -276,18 +220,3 @@ class HighestTierOnly(HetLoRA):
 
     def eligible(self, clients: np.ndarray) -> np.ndarray:
         return clients[self.tiers[clients] == self.cfg.het.tiers]
-
-
-class FLASCTiers(FLASC):
-    """FLASC under budget tiers: full rank r_s for all, upload density r_c / r_s so each
-    client's bytes match its HetLoRA tier (paper Sec. 4.4). FLASC plus a tier table."""
-
-    def setup(self, num_clients: int) -> None:
-        self.budget = Tiers(self.cfg.het, self.cfg.seed, num_clients)
-        self.r_s, self.tiers = self.budget.r_s, self.budget.tier
-
-    def rank_of(self, client: int) -> int:
-        return self.budget.rank(client)
-
-    def options(self, round_: int, client: int) -> dict:
-        return {"d_up": self.rank_of(client) / self.r_s}

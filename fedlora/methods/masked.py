@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlora.comm.topk import topk_mask
-from fedlora.methods.base import Client, Server
+from fedlora.config import check_density
+from fedlora.methods.base import Client, Server, Settings
+
+
+@dataclass
+class DensitySettings(Settings):
+    density: float = 0.25  # the fixed density of the mask
+
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check_density(self.density, "method.density")
 
 
 class MaskedClient(Client):

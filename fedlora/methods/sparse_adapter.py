@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from fedlora.methods.masked import Masked
+from fedlora.methods.masked import DensitySettings, Masked
 
 
 class SparseAdapter(Masked):
+    settings = DensitySettings
+
     def begin_round(self, P: torch.Tensor, round_: int) -> None:
         if round_ >= 2 and self.mask is None:
             self.prune_(P, self.cfg.method.density)

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from fedlora.comm import codec
+from fedlora.config import check
 from fedlora.methods.base import Client, Server
-from fedlora.methods.flora import Layer, adapted_layers, entry_mask, view
-from fedlora.methods.hetlora import Tiers, rank_mask
+from fedlora.methods.tiers import Tiers, TierSettings
+from fedlora.model.layers import Layer, adapted_layers, entry_mask, rank_mask, view
 from fedlora.rng import torch_generator
 from fedlora.server.aggregate import weighted_mean
 from fedlora.server.hetero import (
@@ -132,8 +133,16 @@ class StackingClient(Client):
         return {"W": self.W}
 
 
+class StackingSettings(TierSettings):
+    def validate(self, cfg, method: str) -> None:
+        super().validate(cfg, method)
+        check(not cfg.dp.enabled, "dp.enabled",
+              "flora_stacking merges the clients' factors itself; DP is not supported with it")
+
+
 class FLoRAStacking(Server):
     client = StackingClient
+    settings = StackingSettings
     trains_target_weights = True
 
     def setup(self, num_clients: int) -> None:

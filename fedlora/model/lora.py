@@ -1,9 +1,10 @@
 """LoRA through peft. The classification head is trained and lives in the flat vector.
 
-Methods that train the backbone itself (`Method.trains_backbone`: full_finetune and the
-sparse-backbone baselines) get the bare model with every weight trainable instead.
-Methods with `trains_target_weights` (flora_two_stage, flora_stacking) get LoRA plus the
-adapted weights W of every LoRA-wrapped module in the flat vector.
+`model.trainable` says what the flat vector holds; the engine fills it in from the method
+(`fedlora.methods.trainable`), so this module needs no method registry. `backbone`
+(full_finetune and the sparse-backbone baselines) gets the bare model with every weight
+trainable; `lora+weights` (flora_two_stage, flora_stacking) gets LoRA plus the adapted
+weights W of every LoRA-wrapped module.
 """
 
 from __future__ import annotations
@@ -18,18 +19,13 @@ from fedlora.config import Config
 
 
 def trains_backbone(config: Config) -> bool:
-    """Whether `config.method` fine-tunes the backbone weights instead of LoRA."""
-    from fedlora.methods import METHODS  # lazy: methods import the model package
-
-    method = METHODS.get(config.method.name)
-    return bool(method is not None and method.trains_backbone)
+    """Whether the flat vector is the whole backbone (`model.trainable = backbone`)."""
+    return config.model.trainable == "backbone"
 
 
 def trains_target_weights(config: Config) -> bool:
-    """Whether `config.method` also puts the adapted weights W in P (FLoRA/SLoRA, stacking)."""
-    from fedlora.methods import METHODS
-
-    return bool(getattr(METHODS.get(config.method.name), "trains_target_weights", False))
+    """Whether the adapted weights W join LoRA in P (`model.trainable = lora+weights`)."""
+    return config.model.trainable == "lora+weights"
 
 
 def add_lora(model: torch.nn.Module, config: Config, default_targets: list[str],

@@ -34,7 +34,7 @@ __all__ = [
     "loss_based_ranks",
     "merge_delta",
     "normalize_weights",
-    "pad",
+    "padded_pseudo_gradient",
     "product_norms",
     "pruned_rank",
     "replication_pad",
@@ -46,7 +46,6 @@ __all__ = [
     "tail_norm",
     "tail_penalty",
     "tier_rank",
-    "truncate",
     "zero_pad",
 ]
 
@@ -128,34 +127,63 @@ def normalize_weights(values: WeightsLike) -> list[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def truncate(A: Tensor, B: Tensor, r_c: int) -> tuple[Tensor, Tensor]:
-    """What a rank-``r_c`` client downloads: ``(A[:r_c], B[:, :r_c])``.
-
-    Returns *views* of the server tensors (``B[:, :r_c]`` is not contiguous): clone before
-    training in place, or the server state is modified. The scaling stays ``alpha / r_s``,
-    so ``s · B[:, :r_c] @ A[:r_c]`` is exactly the server's first ``r_c`` components.
-    """
-    r_s = _rank_of(A, B)
-    if not 1 <= r_c <= r_s:
-        raise ValueError(f"client rank must be in [1, {r_s}], got {r_c}")
-    return A[:r_c], B[:, :r_c]
-
-
-def pad(A_k: Tensor, B_k: Tensor, r_s: int) -> tuple[Tensor, Tensor]:
-    """Zero-pad a rank-``r_k`` pair to rank ``r_s`` (new tensors; the product is unchanged)."""
-    r_k = _rank_of(A_k, B_k)
-    if r_k > r_s:
-        raise ValueError(f"cannot pad rank {r_k} down to server rank {r_s}")
-    A = A_k.new_zeros((r_s, A_k.shape[1]))
-    B = B_k.new_zeros((B_k.shape[0], r_s))
-    A[:r_k] = A_k
-    B[:, :r_k] = B_k
-    return A, B
-
-
 # --------------------------------------------------------------------------------------------
 # padding-based aggregation (HetLoRA / Byun & Lee 2024)
 # --------------------------------------------------------------------------------------------
+
+
+def padded_pseudo_gradient(rule: str, updates: Sequence[Tensor], masks: Sequence[Tensor],
+                           weights: Sequence[float], P: Tensor) -> Tensor:
+    """The padding rules on flat vectors, as the pseudo-gradient HetLoRA steps with.
+
+    ``updates[k]`` is client k's decoded delta (zero outside ``masks[k]``, the entries its
+    rank trained), ``weights`` are unnormalized ``p_k``. ``zero_pad``: an untrained entry
+    counts as the client voting for 0, i.e. its delta is ``P`` there, so with FedAvg at lr 1
+    the new P is ``Σ_k p_k pad0(P'_k)``. ``replication_pad``: an entry is averaged over the
+    clients that trained it; an entry nobody trained gets 0 (keeps its server value). Any
+    server optimizer applies to the result. The per-layer rules below are this function on
+    one layer.
+    """
+    g = torch.zeros_like(P)
+    if rule == "replication_pad":
+        cover = torch.zeros_like(P)
+        for u, m, w in zip(updates, masks, weights):
+            g.add_(u, alpha=w)
+            cover.add_(m.to(P.dtype), alpha=w)
+        return torch.where(cover > 0, g / cover.clamp_min(1e-30), torch.zeros_like(g))
+    if rule != "zero_pad":
+        raise ValueError(f"unknown padding rule {rule!r}")
+    total = sum(weights)
+    for u, m, w in zip(updates, masks, weights):  # the untrained share pulls toward 0
+        g.add_(u, alpha=w / total)
+        g.add_(P * (~m), alpha=w / total)
+    return g
+
+
+def _layer_rule(rule: str, As: Sequence[Tensor], Bs: Sequence[Tensor], weights: WeightsLike,
+                r_s: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer through `padded_pseudo_gradient` on parameters (P = 0, delta = -client):
+    the padded (A, B) and which of their entries any client trained."""
+    ranks = _check_clients(As, Bs)
+    w = _check_weights(weights, len(As))
+    if max(ranks) > r_s:
+        raise ValueError(f"a client has rank {max(ranks)} > server rank {r_s}")
+    in_f, out_f = As[0].shape[1], Bs[0].shape[0]
+    na = r_s * in_f
+    xs, masks = [], []
+    for A_k, B_k, r_k in zip(As, Bs, ranks, strict=True):
+        x = A_k.new_zeros(na + out_f * r_s)
+        m = torch.zeros(na + out_f * r_s, dtype=torch.bool)
+        x[:na].view(r_s, in_f)[:r_k] = A_k
+        x[na:].view(out_f, r_s)[:, :r_k] = B_k
+        m[:na].view(r_s, in_f)[:r_k] = True
+        m[na:].view(out_f, r_s)[:, :r_k] = True
+        xs.append(-x)
+        masks.append(m)
+    flat = -padded_pseudo_gradient(rule, xs, masks, w, xs[0].new_zeros(xs[0].shape))
+    trained = torch.stack(masks).any(0)
+    return (flat[:na].view(r_s, in_f), flat[na:].view(out_f, r_s),
+            trained)
 
 
 def zero_pad(
@@ -166,15 +194,7 @@ def zero_pad(
     Component ``j`` is scaled down by ``Σ_{k: r_k > j} p_k``: clients with ``r_k <= j``
     vote zero for it. This dilution is what replication padding removes.
     """
-    ranks = _check_clients(As, Bs)
-    w = _check_weights(weights, len(As))
-    if max(ranks) > r_s:
-        raise ValueError(f"a client has rank {max(ranks)} > server rank {r_s}")
-    A = As[0].new_zeros((r_s, As[0].shape[1]))
-    B = Bs[0].new_zeros((Bs[0].shape[0], r_s))
-    for A_k, B_k, r_k, p_k in zip(As, Bs, ranks, w, strict=True):
-        A[:r_k] += p_k * A_k
-        B[:, :r_k] += p_k * B_k
+    A, B, _ = _layer_rule("zero_pad", As, Bs, weights, r_s)
     return A, B
 
 
@@ -194,51 +214,30 @@ def replication_pad(
     ``prev_A[j]`` / ``prev_B[:, j]`` (the previous server value when aggregating parameters);
     left as ``None`` it is zero, which is the right fallback when aggregating deltas.
     """
-    ranks = _check_clients(As, Bs)
-    w = _check_weights(weights, len(As))
-    if max(ranks) > r_s:
-        raise ValueError(f"a client has rank {max(ranks)} > server rank {r_s}")
-    in_f, out_f = As[0].shape[1], Bs[0].shape[0]
-    for name, prev, shape in (("prev_A", prev_A, (r_s, in_f)), ("prev_B", prev_B, (out_f, r_s))):
-        if prev is not None and tuple(prev.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(prev.shape)}")
-
-    num_A = As[0].new_zeros((r_s, in_f))
-    num_B = Bs[0].new_zeros((out_f, r_s))
-    den = [0.0] * r_s  # Σ_{k: r_k > j} p_k, accumulated exactly per component
-    for A_k, B_k, r_k, p_k in zip(As, Bs, ranks, w, strict=True):
-        num_A[:r_k] += p_k * A_k
-        num_B[:, :r_k] += p_k * B_k
-        for j in range(r_k):
-            den[j] += p_k
-
-    A = prev_A.detach().clone().to(num_A.dtype) if prev_A is not None else torch.zeros_like(num_A)
-    B = prev_B.detach().clone().to(num_B.dtype) if prev_B is not None else torch.zeros_like(num_B)
-    for j, d in enumerate(den):
-        if d > 0:
-            A[j] = num_A[j] / d
-            B[:, j] = num_B[:, j] / d
+    A, B, trained = _layer_rule("replication_pad", As, Bs, weights, r_s)
+    na = A.numel()
+    for prev, out, t, name in ((prev_A, A, trained[:na].view(A.shape), "prev_A"),
+                               (prev_B, B, trained[na:].view(B.shape), "prev_B")):
+        if prev is None:
+            continue
+        if tuple(prev.shape) != tuple(out.shape):
+            raise ValueError(f"{name} must have shape {tuple(out.shape)}, "
+                             f"got {tuple(prev.shape)}")
+        out[~t] = prev.detach().to(out.dtype)[~t]
     return A, B
 
 
 def product_norms(
     As: Sequence[Tensor], Bs: Sequence[Tensor], scaling: float | Sequence[float] = 1.0
 ) -> Tensor:
-    """``||s_k B_k A_k||_F`` per client, without forming the (out x in) product.
-
-    Uses ``||B A||_F² = Σ (BᵀB) ⊙ (AAᵀ)`` (r x r). For a whole-model HetLoRA weight, combine
-    layers as ``sqrt(Σ_layers norms²)`` and pass the result to ``normalize_weights``.
-    """
+    """``||s_k B_k A_k||_F`` per client (one layer). For a whole-model HetLoRA weight,
+    combine layers as ``sqrt(Σ_layers norms²)`` (HetLoRA does) and normalize."""
     _check_clients(As, Bs)
     s = [float(scaling)] * len(As) if isinstance(scaling, (int, float)) else list(scaling)
     if len(s) != len(As):
         raise ValueError(f"got {len(s)} scalings for {len(As)} clients")
-    out = []
-    for A_k, B_k, s_k in zip(As, Bs, s, strict=True):
-        a, b = A_k.detach().double(), B_k.detach().double()
-        sq = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
-        out.append(abs(s_k) * sq.sqrt())
-    return torch.stack(out)
+    return torch.stack([torch.linalg.matrix_norm(s_k * (B_k @ A_k))
+                        for A_k, B_k, s_k in zip(As, Bs, s, strict=True)])
 
 
 def sparsity_weights(

@@ -21,9 +21,9 @@ import math
 
 import torch
 
-from fedlora.config import ServerConfig
+from fedlora.config import OPTIMIZERS, ServerConfig
 
-OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
+__all__ = ["OPTIMIZERS", "ServerOptimizer"]
 
 
 class ServerOptimizer:
