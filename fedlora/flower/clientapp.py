@@ -57,10 +57,10 @@ def runner_for(cfg: Config, node: NodeSettings, run: str) -> ClientRunner:
     key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), node.partition_id)
     if key not in _RUNNERS:
         from fedlora.client.store import ClientStore
-        from fedlora.engine import ClientRunner
+        from fedlora.engine import ClientRunner, resolve_config
         from fedlora.tasks import build_task
 
-        task = build_task(cfg)
+        task = build_task(resolve_config(cfg))
         n = len(task.data.clients)
         if node.num_partitions is not None and node.num_partitions != n:
             raise ConfigError(f"node config num-partitions={node.num_partitions} but the "
