@@ -48,7 +48,8 @@ class NodeDirectory:
 
     def discover(self, grid: Grid, timeout: float, poll: float) -> None:
         """Ask every node not asked yet which client it holds."""
-        new = [n for n in grid.get_node_ids() if n not in self.asked]
+        online = set(grid.get_node_ids())
+        new = [n for n in online if n not in self.asked]
         if not new:
             return
         self.asked.update(new)
@@ -60,7 +61,8 @@ class NodeDirectory:
                             reply.error if reply.has_error() else "no record")
                 continue
             c = int(reply.content[QUERY_RECORD]["partition-id"])
-            if c in self.client_node and self.client_node[c] != src:
+            # A restarted node (new id, same partition) replaces one that went offline.
+            if c in self.client_node and self.client_node[c] in online:
                 log.warning("node %d also claims client %d (held by node %d); ignored",
                             src, c, self.client_node[c])
                 continue
