@@ -43,18 +43,21 @@ def sha(out: Path) -> str:
     return hashlib.sha256(P.numpy().tobytes()).hexdigest()
 
 
-def bare(ovr: list[str], out: Path) -> list[float]:
-    """Per round: seconds in the client halves only."""
+def bare(ovr: list[str], out: Path) -> tuple[list[float], list[float]]:
+    """Per round, from one in-process run: seconds in the client halves only, and the
+    whole round (server half included), so the in-process ratio is measured side by side."""
     server = RoundServer(load_config(None, ovr), out, progress=False)
     runner = ClientRunner(server.task)
-    per_round = []
+    halves, rounds = [], []
     while not server.finished:
+        r0 = time.perf_counter()
         t, tasks = server.open_round()
         t0 = time.perf_counter()
         results = [runner.run(ct) for ct in tasks]
-        per_round.append(time.perf_counter() - t0)
+        halves.append(time.perf_counter() - t0)
         server.close_round(t, tasks, results)
-    return per_round
+        rounds.append(time.perf_counter() - r0)
+    return halves, rounds
 
 
 def cold_client_start(ovr: list[str]) -> float:
@@ -110,14 +113,15 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(out / "bare", ignore_errors=True)
-            res["bare_s"] = bare(ovr, out / "bare")
+            res["bare_s"], res["inprocess_round_s"] = bare(ovr, out / "bare")
         res.setdefault("cold_client_start_s", cold_client_start(ovr))
     else:
         import shutil
 
         for arm in ("bare", "inprocess", "simulation", "deployment"):
             shutil.rmtree(out / arm, ignore_errors=True)
-        res = {"bare_s": bare(ovr, out / "bare")}
+        halves, rounds = bare(ovr, out / "bare")
+        res = {"bare_s": halves, "inprocess_round_s": rounds}
         Simulation(load_config(None, ovr), out / "inprocess", progress=False).run()
         (out / "flower_overhead.json").write_text(json.dumps(res))
         flower(ovr, out / "simulation", out / "fed-sim", a.clients, simulation=True)
@@ -141,6 +145,8 @@ def main() -> None:
     for arm in ("inprocess", "simulation", "deployment"):
         rows = read_jsonl(out / arm / "metrics.jsonl")
         walls = [r["wall_s"] for r in rows]
+        if arm == "inprocess":  # the run that timed the client halves, side by side
+            walls = res["inprocess_round_s"]
         s = statistics.median(walls[steady])
         pay = statistics.mean(r["upload_bytes"] + r["download_bytes"] for r in rows)
         fl = statistics.mean(r.get("flower_up_bytes", 0) + r.get("flower_down_bytes", 0)

@@ -445,7 +445,8 @@ class RoundServer:
         # Subset evaluations (eval_max_examples) are progress signals, not results.
         evals = [r for r in rows if self.task.utility in r and "eval_examples" not in r]
         final = {k: v for k, v in (evals[-1] if evals else {}).items()
-                 if k not in ("round", "clients", "aggregated", "dropped")}
+                 if k not in ("round", "clients", "aggregated", "dropped", "dropped_reasons",
+                              "nodes", "late_replies")}
         summary = {
             "finished": self.round >= self.cfg.rounds, "rounds": self.round,
             "utility": self.task.utility,

@@ -30,6 +30,7 @@ from fedlora.protocol import ClientResult, ClientTask, ProtocolError
 log = logging.getLogger("fedlora.flower")
 
 QUERY_RECORD = "fedlora.node"  # the ClientApp's answer to a query (see clientapp.py)
+MAX_REASON = 400  # characters of a Flower error kept in a drop reason
 
 app = ServerApp()
 
@@ -47,7 +48,8 @@ class NodeDirectory:
 
     def discover(self, grid: Grid, timeout: float, poll: float) -> None:
         """Ask every node not asked yet which client it holds."""
-        new = [n for n in grid.get_node_ids() if n not in self.asked]
+        online = set(grid.get_node_ids())
+        new = [n for n in online if n not in self.asked]
         if not new:
             return
         self.asked.update(new)
@@ -59,7 +61,8 @@ class NodeDirectory:
                             reply.error if reply.has_error() else "no record")
                 continue
             c = int(reply.content[QUERY_RECORD]["partition-id"])
-            if c in self.client_node and self.client_node[c] != src:
+            # A restarted node (new id, same partition) replaces one that went offline.
+            if c in self.client_node and self.client_node[c] in online:
                 log.warning("node %d also claims client %d (held by node %d); ignored",
                             src, c, self.client_node[c])
                 continue
@@ -192,7 +195,9 @@ def exchange(grid: Grid, t: int, tasks: list[ClientTask], nodes: NodeDirectory,
 def _read_reply(reply: Message, t: int, c: int, node: int) -> ClientResult | str:
     """The ClientResult a reply carries, or why it carries none (naming the node)."""
     if reply.has_error():
-        return f"node {node}: ClientApp error {reply.error.code}: {reply.error.reason}"
+        reason = reply.error.reason  # Ray's out-of-memory reasons run to pages
+        reason = reason if len(reason) <= MAX_REASON else reason[:MAX_REASON] + "..."
+        return f"node {node}: ClientApp error {reply.error.code}: {reason}"
     try:
         res = read_result(reply.content)
     except (ProtocolError, ValueError, TypeError) as e:
