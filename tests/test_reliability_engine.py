@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from fedlora import engine, rundir
+from fedlora import rundir, runner
 from fedlora.comm import codec
 from fedlora.config import load_config
 from fedlora.engine import Simulation
@@ -51,7 +51,7 @@ def test_huge_finite_uploads_never_make_p_non_finite(tmp_path, tiny_bert_dir, te
 def test_client_failures_drop_that_client_with_a_reason(tmp_path, tiny_bert_dir, text_file,
                                                         monkeypatch):
     victims = {}
-    real_train = engine.train_client
+    real_train = runner.train_client
 
     def train(task, adapter, batches, **kw):
         t = len(victims)
@@ -64,7 +64,7 @@ def test_client_failures_drop_that_client_with_a_reason(tmp_path, tiny_bert_dir,
             adapter.load_(adapter.vector * 1e9)
         return stats
 
-    monkeypatch.setattr(engine, "train_client", train)
+    monkeypatch.setattr(runner, "train_client", train)
     s = sim(tmp_path, tiny_bert_dir, text_file, **{"comm.up_values": "float16"})
     summary = s.run()
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
