@@ -92,8 +92,10 @@ def _write_error(path: Path, e: OSError, extra: str = "") -> RunDirError:
     return RunDirError(f"cannot write {path}: {reason} ({type(e).__name__}){extra}")
 
 
-def write_bytes(path: Path, data: bytes, *, extra: str = "") -> None:
+def write_bytes(path: Path, data: bytes, *, extra: str = "",
+                previous: Path | None = None) -> None:
     """Atomically replace ``path`` with ``data``: temporary file, fsync, rename, fsync dir.
+    With ``previous``, the file it replaces is kept there (a checkpoint's last generation).
 
     A failure leaves ``path`` as it was and raises RunDirError naming it (``extra`` is
     appended to the message)."""
@@ -105,6 +107,8 @@ def write_bytes(path: Path, data: bytes, *, extra: str = "") -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -211,24 +215,8 @@ def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> 
     record = {**meta, "format": FORMAT, "sha256": {k: _digest(v) for k, v in tensors.items()}}
     data = st_save(tensors, metadata={META_KEY: json.dumps(record)})
     path = out / CKPT
-    tmp = path.with_name(path.name + ".tmp")
     keep = "; the last good checkpoint is intact" if path.exists() else ""
-    try:
-        with open(tmp, "wb") as f:
-            _maybe_kill(f, data)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, out / CKPT_PREV)  # keep the previous generation
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise _write_error(path, e, keep) from None
-    _fsync_dir(out)
+    write_bytes(path, data, extra=keep, previous=out / CKPT_PREV)  # keep the previous one
     legacy = out / CKPT_META
     if legacy.exists():  # a format-1 run resumed: its meta file no longer describes CKPT
         legacy.unlink()

@@ -85,6 +85,17 @@ def digest(run_dir: Path) -> dict:
             "adapter": adapter}
 
 
+def differences(got: dict, want: dict) -> str:
+    """Which run directory and which of its digest fields differ (for the failure message)."""
+    out = []
+    for run in sorted(set(got) | set(want), key=str):
+        g, w = got.get(run, {}), want.get(run, {})
+        for key in sorted(set(g) | set(w)):
+            if g.get(key) != w.get(key):
+                out.append(f"{run}: {key}: {str(g.get(key))[:300]} != {str(w.get(key))[:300]}")
+    return "; ".join(out) or "no field differs"
+
+
 def run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("metrics.jsonl"))
 
@@ -227,7 +238,8 @@ def check_grid(tmp_path, tiny_bert_dir, text_file, kind: str, kills: int, seed: 
         argv = [*args, "--out", str(out)]
         landed += kill_until_done(argv, lambda argv=argv: argv, killer, kills - landed)
         got = {p.relative_to(out): digest(p) for p in run_dirs(out)}
-        assert got == want, f"{out} differs from the uninterrupted {kind}"
+        assert got == want, f"{out} differs from the uninterrupted {kind}: " + differences(
+            got, want)
     return landed
 
 
