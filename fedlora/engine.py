@@ -100,6 +100,11 @@ class RoundServer:
             self.lock.acquire()
             cfg.save(self.out / "config.yaml")
             rundir.write_text(self.out / "layout.json", self.adapter.layout_json())
+            # A run killed in round 1 after its ledger rows but before its metrics row left
+            # debris that a fresh start must not append to (prepare() allowed the start).
+            for name in ("ledger.jsonl", "personal.jsonl"):
+                if (self.out / name).exists():
+                    rundir.truncate_jsonl(self.out / name, 0)
 
     @property
     def finished(self) -> bool:

@@ -215,3 +215,17 @@ def test_reusing_a_task_starts_from_the_same_initial_vector(tmp_path, tiny_bert_
     second.run()
     assert torch.equal(first.P, second.P)
     assert _metrics(tmp_path / "one") == _metrics(tmp_path / "two")
+
+
+def test_a_fresh_start_drops_the_ledger_rows_of_a_run_killed_in_round_one(
+        tmp_path, tiny_bert_dir, text_file):
+    """Killed after round 1's ledger rows but before its metrics row: the directory holds no
+    metrics.jsonl, so a fresh start is allowed, and must not append to the stale ledger
+    (the sweep kill test found this as a duplicated ledger row)."""
+    _run(tmp_path, "clean", tiny_bert_dir, text_file)
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "ledger.jsonl").write_text(
+        '{"round": 1, "client": 4, "upload_bytes": 1, "download_bytes": 1}\n{"round": 1, "cl')
+    _run(tmp_path, "killed", tiny_bert_dir, text_file)
+    assert read_jsonl(out / "ledger.jsonl") == read_jsonl(tmp_path / "clean" / "ledger.jsonl")
