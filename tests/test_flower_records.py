@@ -87,3 +87,70 @@ def test_node_config():
     assert n.sleep_before(1) == 2.5 and n.sleep_before(2) == 0
     with pytest.raises(ConfigError, match="partition-id"):
         NodeSettings.from_node_config({"num-partitions": 5})
+
+
+def test_fuzzed_flower_records_are_refused_cleanly():
+    """10,000 mutations of an instruction and a reply as they travel in Flower ConfigRecords
+    (a field dropped, retyped, added; payload bytes flipped, cut or extended): the receiving
+    half either rebuilds the message or raises ProtocolError naming a field, and the payload
+    then decodes or raises CodecError. Nothing else escapes (docs/reliability.md)."""
+    import numpy as np
+    import torch
+
+    from fedlora.comm import codec
+    from fedlora.protocol import ClientResult, ClientTask
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    v = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    mask = torch.from_numpy(rng.random(n) < 0.25)
+    ct = ClientTask(round=3, client=7, seed=0, method="flasc", n=n,
+                    train={"lr": 0.1, "momentum": 0.9, "batch_size": 16, "epochs": 1,
+                           "max_steps": 4}, options={"d_up": 0.25},
+                    payloads={"down": codec.encode(v, mask)})
+    res = ClientResult(3, 7, codec.encode(-v, mask, values="int8"),
+                       {"train_loss": 0.5, "first_loss": 0.7, "num_examples": 12})
+    weird = [None, "x", 1.5, -1, True, b"\x00", [1, 2], [], 2**70, float("nan")]
+    outcomes = {"ok": 0, "protocol": 0, "codec": 0, "flower": 0}
+
+    def mutate(record: dict) -> dict:
+        rec = dict(record)
+        key = sorted(rec)[int(rng.integers(len(rec)))]
+        kind = int(rng.integers(5))
+        if kind == 0:
+            del rec[key]
+        elif kind == 1:
+            rec[key] = weird[int(rng.integers(len(weird)))]
+        elif kind == 2:
+            rec[f"junk.{int(rng.integers(100))}"] = 1
+        else:
+            payload = next((k for k in rec if isinstance(rec[k], bytes)), None)
+            data = bytearray(rec[payload])
+            if kind == 3:
+                for _ in range(int(rng.integers(1, 8))):
+                    data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+            else:
+                data = data[: int(rng.integers(len(data)))] + bytes(int(rng.integers(3)))
+            rec[payload] = bytes(data)
+        return rec
+
+    for i in range(10_000):
+        is_task = i % 2 == 0
+        rec = mutate((ct if is_task else res).to_record())
+        try:  # what Flower itself refuses never reaches fedlora
+            content = RecordDict({("fedlora.task" if is_task else RESULT_RECORD):
+                                  ConfigRecord(rec)})
+        except (TypeError, ValueError):
+            outcomes["flower"] += 1
+            continue
+        try:
+            got = read_task(content) if is_task else read_result(content)
+            codec.decode(got.payloads["down"] if is_task else got.upload, n)
+            outcomes["ok"] += 1
+        except ProtocolError:
+            outcomes["protocol"] += 1
+        except codec.CodecError:
+            outcomes["codec"] += 1
+    print("fuzzed Flower records:", outcomes)
+    assert sum(outcomes.values()) == 10_000
+    assert outcomes["protocol"] > 1000 and outcomes["codec"] > 1000 and outcomes["ok"] > 100
