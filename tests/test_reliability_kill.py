@@ -208,12 +208,13 @@ def check_run(tmp_path, tiny_bert_dir, text_file, kills: int, seed: int) -> int:
 
 
 def test_kill_run_resume_is_bit_identical(tmp_path, tiny_bert_dir, text_file):
-    check_run(tmp_path, tiny_bert_dir, text_file, kills=10, seed=20)
+    """20 seeded kills of `fedlora run` (at the i-th write and after timed delays)."""
+    check_run(tmp_path, tiny_bert_dir, text_file, kills=20, seed=20)
 
 
 @pytest.mark.slow
-def test_kill_run_resume_is_bit_identical_20_kills(tmp_path, tiny_bert_dir, text_file):
-    check_run(tmp_path, tiny_bert_dir, text_file, kills=20, seed=21)
+def test_kill_run_resume_is_bit_identical_40_kills(tmp_path, tiny_bert_dir, text_file):
+    check_run(tmp_path, tiny_bert_dir, text_file, kills=40, seed=21)
 
 
 def check_grid(tmp_path, tiny_bert_dir, text_file, kind: str, kills: int, seed: int) -> int:
