@@ -198,8 +198,8 @@ def _save_full(model, out: Path) -> str:
     """The whole model: merged first when it is a peft model (W + s*BA, trained head)."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        model = copy.deepcopy(model).merge_and_unload()
+    if isinstance(model, PeftModel):  # once per export, on a copy: merging in place would
+        model = copy.deepcopy(model).merge_and_unload()  # change the resident model's W
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(out, safe_serialization=True)
     else:  # a non-transformers backbone (EfficientNet-Lite0): its state dict

@@ -97,3 +97,11 @@ def tiny_overrides(model_dir: Path, data: Path, **extra) -> list[str]:
             "client.batch_size": 8}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def resolved(*args, **kw):
+    """load_config, then what the engine adds: task and method names, method settings."""
+    from fedlora.config import load_config
+    from fedlora.engine import resolve_config
+
+    return resolve_config(load_config(*args, **kw))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import resolved
 
 from fedlora.comm.topk import num_kept, topk_mask
 from fedlora.config import ConfigError, ServerConfig, load_config
@@ -13,13 +14,6 @@ from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
 
 # ---------------------------------------------------------------- TopKMask
-
-def resolved(*args, **kw):
-    """load_config, then what the engine adds: task and method names, method settings."""
-    from fedlora.engine import resolve_config
-
-    return resolve_config(load_config(*args, **kw))
-
 
 
 def test_topk_k_is_floor_and_at_least_one():

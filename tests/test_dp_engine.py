@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import resolved, tiny_overrides
 
 from fedlora.cli import main
 from fedlora.comm import codec
@@ -13,14 +13,6 @@ from fedlora.engine import Simulation
 from fedlora.privacy import clip, epsilon
 from fedlora.rng import torch_generator
 from fedlora.rundir import read_jsonl
-
-
-def resolved(*args, **kw):
-    """load_config, then what the engine adds: task and method names, method settings."""
-    from fedlora.engine import resolve_config
-
-    return resolve_config(load_config(*args, **kw))
-
 
 
 def _sim(tmp_path, name, tiny_bert_dir, text_file, **extra):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import resolved, tiny_overrides
 
 from fedlora.comm import codec
 from fedlora.config import ConfigError, load_config
@@ -19,13 +19,6 @@ TIMING = ("wall_s", "eval_s")
 TWO_STAGE = {"method.name": "flora_two_stage", "method.stage1_rounds": 2}
 STACKING = {"method.name": "flora_stacking", "het.tiers": 3, "het.r_base": 2, "model.rank": 4,
             "clients_per_round": 4}
-
-def resolved(*args, **kw):
-    """load_config, then what the engine adds: task and method names, method settings."""
-    from fedlora.engine import resolve_config
-
-    return resolve_config(load_config(*args, **kw))
-
 
 
 @pytest.fixture(autouse=True)

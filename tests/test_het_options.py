@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import resolved, tiny_overrides
 
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
@@ -25,13 +25,6 @@ HET = {"method.name": "hetlora", "het.tiers": 3, "het.r_base": 2, "model.rank": 
 PRUNE = {"het.self_prune": True, "het.prune_lambda": 10.0, "het.prune_gamma": 0.5}
 LOSS = {"het.rank_allocation": "loss", "het.aggregation": "replication_pad"}
 TIMING = ("wall_s", "eval_s")
-
-def resolved(*args, **kw):
-    """load_config, then what the engine adds: task and method names, method settings."""
-    from fedlora.engine import resolve_config
-
-    return resolve_config(load_config(*args, **kw))
-
 
 
 def _sim(tmp_path, name, tiny_bert_dir, text_file, **extra) -> Simulation:

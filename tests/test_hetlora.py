@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import resolved, tiny_overrides
 
 from fedlora.config import ConfigError, load_config
 from fedlora.engine import Simulation
@@ -15,13 +15,6 @@ from fedlora.server import hetero
 
 HET = {"het.tiers": 3, "het.r_base": 2, "model.rank": 4, "rounds": 1, "task.num_clients": 6,
        "server.optimizer": "fedavg", "server.lr": 1.0, "clients_per_round": 4}
-
-def resolved(*args, **kw):
-    """load_config, then what the engine adds: task and method names, method settings."""
-    from fedlora.engine import resolve_config
-
-    return resolve_config(load_config(*args, **kw))
-
 
 
 def _sim(tmp_path, name, tiny_bert_dir, text_file, **extra):

@@ -29,16 +29,19 @@ class ClientStore:
     def __init__(self, root: Path | None):
         self.root = root
         self._mem: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+        self._index: dict[int, set[int]] | None = None  # client -> rounds on disk
 
-    def _generations(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        if self.root is None or not self.root.exists():
-            return out
-        for f in self.root.iterdir():
-            m = _NAME.match(f.name)
-            if m:
-                out.setdefault(int(m.group(1)), []).append(int(m.group(2)))
-        return out
+    def _generations(self) -> dict[int, set[int]]:
+        """Each client's generations on disk: the folder is listed once, then kept in step
+        (a load must not scan a folder holding every client's files)."""
+        if self._index is None:
+            self._index = {}
+            if self.root is not None and self.root.exists():
+                for f in self.root.iterdir():
+                    m = _NAME.match(f.name)
+                    if m:
+                        self._index.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        return self._index
 
     def _path(self, client: int, round_: int) -> Path:
         assert self.root is not None
@@ -48,17 +51,10 @@ class ClientStore:
         """The client's newest state (empty if it never saved any)."""
         if self.root is None:
             return {k: v.clone() for k, v in self._mem.get(client, (0, {}))[1].items()}
-        rounds = [r for r in (self._generations_of(client))]
+        rounds = self._generations().get(client)
         if not rounds:
             return {}
         return load_file(str(self._path(client, max(rounds))))
-
-    def _generations_of(self, client: int) -> list[int]:
-        if self.root is None or not self.root.exists():
-            return []
-        prefix = f"c{client}.r"
-        return [int(m.group(2)) for f in self.root.iterdir()
-                if f.name.startswith(prefix) and (m := _NAME.match(f.name))]
 
     def save(self, client: int, round_: int, tensors: dict[str, torch.Tensor]) -> None:
         """Store the client's state as of the end of `round_` (atomically)."""
@@ -71,6 +67,7 @@ class ClientStore:
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
+        self._generations().setdefault(client, set()).add(round_)
 
     def rollback(self, round_: int) -> None:
         """Forget every generation written after round `round_` (resume from its checkpoint)."""
@@ -78,9 +75,9 @@ class ClientStore:
             self._mem = {c: v for c, v in self._mem.items() if v[0] <= round_}
             return
         for client, rounds in self._generations().items():
-            for r in rounds:
-                if r > round_:
-                    self._path(client, r).unlink()
+            for r in [r for r in rounds if r > round_]:
+                self._path(client, r).unlink()
+                rounds.discard(r)
 
     def commit(self, round_: int) -> None:
         """After a checkpoint of round `round_`: keep per client its newest generation <= it
@@ -91,3 +88,4 @@ class ClientStore:
             kept = [r for r in rounds if r <= round_]
             for r in sorted(kept)[:-1]:
                 self._path(client, r).unlink()
+                rounds.discard(r)
