@@ -11,6 +11,8 @@ plain arrays, no pickle) and every arm trains on exactly those batches:
 * fedlora: `Simulation` with method lora and server.optimizer fedavg (lr 1), sequential.
 * fedlora lockstep: the same with `client.lockstep=K` where the config has that key
   (the column is skipped, with a note, where it does not).
+* fedlora workers: the same with `client.workers=auto`: one client process per thread,
+  each with one torch thread (fedlora/workers.py), as Ray runs one actor per CPU.
 * flower: `flwr.simulation.run_simulation` (Ray backend) with a plain FedAvg-LoRA
   ClientApp written the way Flower's LLM examples write theirs: the ClientApp builds the
   peft model, loads the received peft state dict from an ArrayRecord, trains, and replies
@@ -22,7 +24,8 @@ plain arrays, no pickle) and every arm trains on exactly those batches:
 Per round: median wall time over rounds 2..R (round 1 warms up). Each arm's ratio is to the
 bare loop measured in the same run. Evaluation is off on every side.
 
-    python benchmarks/peers.py [--rounds 6] [--threads 0] [--arms bare,fedlora,lockstep,flower,pfl]
+    python benchmarks/peers.py [--rounds 6] [--threads 0]
+        [--arms bare,fedlora,lockstep,workers,flower,pfl]
 """
 
 from __future__ import annotations
@@ -331,8 +334,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0, help="0: every core of the machine")
-    ap.add_argument("--arms", default="bare,fedlora,lockstep,flower,pfl")
+    ap.add_argument("--arms", default="bare,fedlora,lockstep,workers,flower,pfl")
     ap.add_argument("--lockstep", type=int, default=10, help="K for the lockstep column")
+    ap.add_argument("--workers", default="auto",
+                    help="client.workers for the workers column (auto: one per thread)")
     ap.add_argument("--child", choices=["flower", "pfl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -389,6 +394,9 @@ def main() -> None:
                 continue
             times["lockstep"] = run_fedlora(args.rounds, args.threads,
                                             [f"client.lockstep={args.lockstep}"], task)
+        elif arm == "workers":
+            times["workers"] = run_fedlora(args.rounds, args.threads,
+                                           [f"client.workers={args.workers}"])
         elif arm == "flower":
             import flwr
 
@@ -409,6 +417,8 @@ def main() -> None:
     bare = median_after_warmup(times["bare"])
     labels = {"bare": "bare training loop (floor)", "fedlora": "fedlora, sequential",
               "lockstep": f"fedlora, lockstep K={args.lockstep}",
+              "workers": f"fedlora, client.workers={args.workers} ({args.threads} threads "
+                         "shared)",
               "flower": "Flower simulation engine (Ray), FedAvg-LoRA ClientApp",
               "pfl": "pfl-research, FedAvg, PyTorch backend"}
     print(f"\nversions: {json.dumps(versions)}; threads: {args.threads}; rounds: {args.rounds}"

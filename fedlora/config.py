@@ -91,6 +91,9 @@ class ClientConfig:
     # K >= 1 (1 = one after another), or "auto" (see `lockstep_chunk`). 1 by default: each
     # client keeps its own dropout stream, so in-process and Flower runs agree (docs/engine.md).
     lockstep: int | str = 1
+    # Processes that train a round's clients in parallel (fedlora/workers.py): P >= 1, or
+    # "auto" (one per CPU thread). 1 by default: no extra processes to start.
+    workers: int | str = 1
 
 
 @dataclass
@@ -445,6 +448,9 @@ def validate(cfg: Config) -> None:
     _check(c.lockstep == "auto" or (isinstance(c.lockstep, int) and not isinstance(
         c.lockstep, bool) and c.lockstep >= 1), "client.lockstep",
         f"must be an integer >= 1 or 'auto', got {c.lockstep!r}")
+    _check(c.workers == "auto" or (isinstance(c.workers, int) and not isinstance(
+        c.workers, bool) and c.workers >= 1), "client.workers",
+        f"must be an integer >= 1 or 'auto', got {c.workers!r}")
     s = cfg.server
     _check(s.optimizer in OPTIMIZERS, "server.optimizer",
            f"unknown optimizer {s.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")

@@ -44,6 +44,7 @@ from fedlora.server.aggregate import weighted_mean
 from fedlora.server.optim import ServerOptimizer
 from fedlora.server.robust import robust_select
 from fedlora.tasks import build_task
+from fedlora.workers import WorkerPool, resolve_workers
 
 __all__ = ["ClientRunner", "RoundServer", "Simulation", "resolve_config", "run", "set_threads"]
 
@@ -493,6 +494,8 @@ class Simulation(RoundServer):
         super().__init__(cfg, out, resume=resume, progress=progress, task=task)
         self.runner = ClientRunner(self.task, ClientStore(self.out / "clients"),
                                    lockstep=cfg.client.lockstep)
+        self.clients: ClientRunner | WorkerPool = self.runner
+        self._given_task = task is not None
         self.personal = (PersonalEval(cfg, self.task, self.adapter, self.out,
                                       self.task.initial_vector, self.device)
                          if cfg.eval.personalized else None)
@@ -519,9 +522,10 @@ class Simulation(RoundServer):
         bar = tqdm(total=cfg.rounds, initial=self.round, disable=not self.progress,
                    desc=f"{cfg.method.name} r={cfg.model.rank}", unit="round", leave=False)
         try:
+            self.clients = self.start_workers()
             while not self.finished:
                 t, tasks = self.open_round()
-                results = self.runner.run_many(tasks)
+                results = self.clients.run_many(tasks)
                 row = self.close_round(t, tasks, results)
                 if self.task.utility in row:
                     bar.set_postfix({self.task.utility: f"{row[self.task.utility]:.3f}",
@@ -530,7 +534,31 @@ class Simulation(RoundServer):
             bar.close()
             return self.write_summary()
         finally:
+            if self.clients is not self.runner:
+                self.clients.close()
+                self.clients = self.runner
             self.lock.release()
+
+    def start_workers(self) -> ClientRunner | WorkerPool:
+        """`client.workers`: a pool of client processes (fedlora/workers.py), or this
+        process's own runner where there is one worker or the run cannot use more (said
+        once in the log)."""
+        cfg = self.cfg
+        p = resolve_workers(cfg.client.workers, cfg.clients_per_round, self.threads,
+                            self.device)
+        if p <= 1:
+            return self.runner
+        why = None
+        if self._given_task:
+            why = "the task object was passed in, and workers build theirs from the config"
+        elif METHODS[cfg.method.name].client.save_state is not Client.save_state:
+            why = f"method {cfg.method.name} keeps client-held state in this process"
+        if why is not None:
+            (log.info if cfg.client.workers == "auto" else log.warning)(
+                "client.workers=%s: training clients in this process: %s",
+                cfg.client.workers, why)
+            return self.runner
+        return WorkerPool(cfg, self.runner, p, self.threads)
 
     def client_round(self, t: int, c: int) -> tuple[torch.Tensor | None, dict]:
         """One client's whole exchange in round t (benchmarks time this): instruction,

@@ -86,17 +86,28 @@ class ClientRunner:
         log. The replies are the same either way up to float rounding, except that dropout
         draws from one stream per chunk instead of one per client. A chunk in which a client
         fails is rerun one client at a time, so only that client is dropped."""
-        k = lockstep_chunk(self.lockstep, len(tasks), self.device)
+        return [r for group in self.plan(tasks) for r in self.run_group(group)]
+
+    def plan(self, tasks: list[ClientTask], threads: int | None = None) -> list[list[ClientTask]]:
+        """The cohort cut into the groups `run_group` trains: lockstep chunks of up to K
+        consecutive clients with the same training settings, or one client each. The
+        worker pool (fedlora/workers.py) plans here too, so the chunks, and with them
+        every reply, do not depend on how many processes train them."""
+        k = lockstep_chunk(self.lockstep, len(tasks), self.device, threads)
         if k <= 1 or not self._lockstep_possible():
-            return [self.run_safely(ct) for ct in tasks]
-        out: list[ClientResult | str] = []
-        chunk: list[ClientTask] = []
+            return [[ct] for ct in tasks]
+        groups: list[list[ClientTask]] = []
         for ct in tasks:
-            if chunk and (len(chunk) == k or ct.train != chunk[0].train):
-                out += self._run_chunk_safely(chunk)
-                chunk = []
-            chunk.append(ct)
-        return out + (self._run_chunk_safely(chunk) if chunk else [])
+            if not groups or len(groups[-1]) == k or ct.train != groups[-1][0].train:
+                groups.append([])
+            groups[-1].append(ct)
+        return groups
+
+    def run_group(self, group: list[ClientTask]) -> list[ClientResult | str]:
+        """One group of `plan`: a lone client, or a lockstep chunk."""
+        if len(group) == 1:
+            return [self.run_safely(group[0])]
+        return self._run_chunk_safely(group)
 
     def run_safely(self, ct: ClientTask) -> ClientResult | str:
         """`run`, with a client's own failures turned into the reason it has no reply: a

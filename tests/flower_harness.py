@@ -203,7 +203,9 @@ class Federation:
         env = dict(os.environ)
         env.update(FLWR_HOME=str(self.home), HF_HUB_OFFLINE="1",
                    FLWR_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false",
-                   OMP_NUM_THREADS="1", FEDLORA_FLOWER_STATE=str(self.root / "node-state"))
+                   OMP_NUM_THREADS="1")
+        env.pop("FEDLORA_FLOWER_STATE", None)  # held state in context.state unless a node
+        # config sets state-dir
         env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])  # flower-superexec
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -104,6 +104,27 @@ def test_deployment_flasc_bit_identical(tmp_path, tiny_bert_dir):
     assert read_jsonl(out / "ledger.jsonl") == read_jsonl(tmp_path / "ref" / "ledger.jsonl")
 
 
+def test_deployment_held_state_in_context(tmp_path, tiny_bert_dir):
+    """flasc_personal over 3 SuperNodes, 3 rounds: each client's residual (client-held, no
+    bytes) lives in its ClientApp's context.state and feeds its next start, so the vector
+    matches in-process only if the state survived between messages; no file holds it."""
+    data = users_file(tmp_path / "data.jsonl", 3)
+    ovr = tiny_overrides(tiny_bert_dir, data, rounds=3, **{"method.name": "flasc_personal",
+                                                           "method.d_up": "1/4"})
+    sha, ref_rows = reference(tmp_path / "ref", ovr)
+    lost, _ = reference(tmp_path / "flasc", tiny_overrides(tiny_bert_dir, data, rounds=3,
+                                                           **FLASC))
+    assert sha != lost  # flasc_personal without its residual is FLASC
+    out = tmp_path / "flower"
+    with Federation(tmp_path / "fed") as fed:
+        start(fed, 3)
+        flower_run(fed, run_config(ovr, out, **{"min-nodes": 3}), out)
+    assert vector_sha(out) == sha
+    same_bytes(read_jsonl(out / "metrics.jsonl"), ref_rows)
+    assert not [p for p in (tmp_path / "fed").rglob("*.safetensors")]
+    assert not (out / "clients").exists()
+
+
 @pytest.mark.slow
 def test_deployment_baselines_bit_identical(tmp_path, tiny_bert_dir):
     """A masked baseline and HetLoRA over the same deployment, each run its own Flower run."""

@@ -5,8 +5,10 @@ A `query` message asks which fedlora client this node holds (its `partition-id`)
 runs with `ClientRunner.run` on this node's own data and answers with the
 `ClientResult`. The node builds its model and data from the run's fedlora config
 (the same run config the ServerApp reads) plus its own node config (`data-path`).
-Client-held state (flora_stacking's merged update) stays on the node, in a `ClientStore`
-folder per run (`state_dir`).
+Client-held state (flora_stacking's merged W, a personal adapter) stays on the node: in
+the ClientApp's own `context.state`, which the SuperNode keeps for the run, or, where the
+node config sets `state-dir` (or $FEDLORA_FLOWER_STATE), in a folder on the node that
+outlives the run, so that a resumed run (a new Flower run) finds it (`held_state`).
 """
 
 from __future__ import annotations
@@ -70,20 +72,37 @@ def runner_for(cfg: Config, node: NodeSettings, run: str) -> ClientRunner:
         if not 0 <= node.partition_id < n:
             raise ConfigError(f"node config partition-id={node.partition_id} is not a "
                               f"client of this config (0..{n - 1})")
-        _RUNNERS[key] = ClientRunner(task, ClientStore(state_dir(node, run)),
+        folder = state_dir(node, run)
+        _RUNNERS[key] = ClientRunner(task, None if folder is None else ClientStore(folder),
                                      lockstep=cfg.client.lockstep)
     return _RUNNERS[key]
 
 
-def state_dir(node: NodeSettings, run: str) -> Path:
-    """Where this node keeps its client-held state (methods that have any, e.g.
-    flora_stacking): under `state-dir` from the node config, else $FEDLORA_FLOWER_STATE,
-    else ~/.cache/fedlora/flower; one folder per run (named by the run's `out`, so that a
-    resumed run finds it) and client."""
+STATE_RECORD = "fedlora.client-state"
+
+
+def held_state(runner: ClientRunner, context: Context, node: NodeSettings, run: str) -> None:
+    """Point the runner's store at this node's client-held state before a message: its
+    folder where `state_dir` names one, else the ConfigRecord `fedlora.client-state` in
+    `context.state` (the same safetensors bytes per generation as a folder's files)."""
+    from fedlora.client.store import ClientStore
+
+    if state_dir(node, run) is not None:
+        return  # the runner's folder store, built once
+    if STATE_RECORD not in context.state:
+        context.state[STATE_RECORD] = ConfigRecord()
+    runner.store = ClientStore(context.state[STATE_RECORD])
+
+
+def state_dir(node: NodeSettings, run: str) -> Path | None:
+    """The folder where this node keeps client-held state, or None (context.state): under
+    `state-dir` from the node config, else $FEDLORA_FLOWER_STATE; one folder per run (named
+    by the run's `out`, so that a resumed run finds it) and client."""
     import hashlib
 
-    root = node.state_dir or os.environ.get("FEDLORA_FLOWER_STATE") or \
-        Path.home() / ".cache" / "fedlora" / "flower"
+    root = node.state_dir or os.environ.get("FEDLORA_FLOWER_STATE")
+    if not root:
+        return None
     name = hashlib.sha256(run.encode()).hexdigest()[:16]
     return Path(root) / name / f"client-{node.partition_id}"
 
@@ -112,9 +131,15 @@ def train(msg: Message, context: Context) -> Message:
     if (secs := node.sleep_before(ct.round)) > 0:
         time.sleep(secs)
     out = str(context.run_config.get("out", "") or "")
-    runner = runner_for(cfg, node, out or f"run-{context.run_id}")
+    run = out or f"run-{context.run_id}"
+    runner = runner_for(cfg, node, run)
+    held_state(runner, context, node, run)
     # Held state as of the end of an earlier round only: a resumed run may redo rounds.
     runner.store.rollback(ct.round - 1)
+    # ...and only back to the server's last checkpoint before this round (rounds that are
+    # multiples of checkpoint_every, else of eval_every): older generations are never read.
+    every = cfg.checkpoint_every or cfg.eval_every
+    runner.store.commit((ct.round - 1) // every * every)
     res = runner.run(ct)
     if node.fault == "corrupt":
         res = corrupt(res)

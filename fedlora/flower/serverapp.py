@@ -25,6 +25,7 @@ from fedlora.config import Config, load_config
 from fedlora.engine import RoundServer
 from fedlora.flower.records import message_nbytes, read_result, task_content
 from fedlora.flower.settings import ServerSettings
+from fedlora.methods.base import Client
 from fedlora.protocol import ClientResult, ClientTask, ProtocolError
 
 log = logging.getLogger("fedlora.flower")
@@ -123,6 +124,11 @@ def run_rounds(grid: Grid, cfg: Config, out: Path, s: ServerSettings, *,
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
+        if resume and server.method.client.save_state is not Client.save_state:
+            log.warning("resume: method %s keeps client-held state in each ClientApp's "
+                        "context.state, which a new Flower run starts empty; nodes whose node "
+                        "config sets state-dir (or $FEDLORA_FLOWER_STATE) keep theirs",
+                        cfg.method.name)
         return _rounds(grid, server, cfg, s)
     finally:
         root.removeHandler(handler)

@@ -20,7 +20,8 @@ first two for each virtual node):
 * `partition-id`: the fedlora client this node holds (its data partition).
 * `num-partitions`: must equal the config's number of clients.
 * `data-path`: this node's own data file/dir (replaces `task.path` on this node).
-* `state-dir`: where the node keeps client-held state (default ~/.cache/fedlora/flower).
+* `state-dir`: a folder where the node keeps client-held state, so that it outlives the
+  run (a resumed run is a new Flower run); default: the ClientApp's `context.state`.
 * `fault`: test hook: `corrupt` (reply garbage upload bytes), `sleep:S` (sleep S seconds
   before training), `sleep-round:R:S` (only in round R).
 """
