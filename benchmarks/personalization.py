@@ -77,7 +77,8 @@ def main() -> None:
             for arm in args.arms.split(","):
                 over = ARMS[arm]
                 d = out / f"a{alpha}-{arm}-s{seed}"
-                refs = sorted(out.glob(f"a{alpha}-*-s{seed}/personal_reference.json"))
+                refs = sorted(r for r in out.glob(f"a{alpha}-*-s{seed}/personal_reference.json")
+                              if r.parent != d)  # d itself may be an unfinished run
                 if refs:  # the local-only reference depends on (seed, task, init) only
                     ref = refs[0]
                 if (d / "summary.json").exists():

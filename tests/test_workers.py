@@ -31,6 +31,7 @@ def _run(out, model_dir, data, **extra):
 @pytest.mark.parametrize("extra", [
     {"method.name": "flasc", "method.d_up": "1/4"},
     {"method.name": "hetlora", "het.tiers": 3, "het.r_base": 2},
+    {"method.name": "lora", "dp.enabled": True, "dp.clip": 0.5, "dp.noise_multiplier": 0.3},
 ])
 def test_workers_match_one_process(tmp_path, tiny_bert_dir, text_file, extra, caplog):
     """2 workers, 3 clients per round: every byte of the run as in one process."""
