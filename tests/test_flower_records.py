@@ -154,3 +154,15 @@ def test_fuzzed_flower_records_are_refused_cleanly():
     print("fuzzed Flower records:", outcomes)
     assert sum(outcomes.values()) == 10_000
     assert outcomes["protocol"] > 1000 and outcomes["codec"] > 1000 and outcomes["ok"] > 100
+
+
+def test_per_client_evaluation_is_refused_before_anything_runs(tmp_path):
+    from fedlora.config import load_config
+    from fedlora.flower.serverapp import run_rounds
+
+    cfg = load_config(None, ["eval.personalized=true", "task.local_test_fraction=0.2"])
+    s = ServerSettings.from_run_config({})
+    with pytest.raises(ConfigError, match="eval.personalized: per-client evaluation runs "
+                                          "in-process only"):
+        run_rounds(None, cfg, tmp_path / "run", s)
+    assert not (tmp_path / "run").exists()

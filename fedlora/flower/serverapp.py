@@ -21,7 +21,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.config import Config, load_config
+from fedlora.config import Config, ConfigError, load_config
 from fedlora.engine import RoundServer
 from fedlora.flower.records import message_nbytes, read_result, task_content
 from fedlora.flower.settings import ServerSettings
@@ -117,6 +117,12 @@ def main(grid: Grid, context: Context) -> None:
 def run_rounds(grid: Grid, cfg: Config, out: Path, s: ServerSettings, *,
                resume: bool = False) -> dict:
     """The round loop (ServerApp main without the run-config parsing)."""
+    if cfg.eval.personalized:  # before anything is written: nothing is lost
+        raise ConfigError("eval.personalized: per-client evaluation runs in-process only "
+                          "(fedlora run / Simulation); a Flower run cannot evaluate the model "
+                          "a method deploys on a client yet, because it is built from that "
+                          "client's held state, which stays on its node. Set "
+                          "eval.personalized=false for the Flower run")
     server = RoundServer(cfg, out, resume=resume, progress=False)
     handler = logging.FileHandler(Path(out) / "flower.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
