@@ -13,6 +13,10 @@ the upload bytes at which each run first reaches its seed's LoRA plateau - 1 pt.
 
     python benchmarks/comm_converged.py [--alphas 0.1,1] [--seeds 3] [--step 12]
         [--max-rounds 96] [--window 3] [--out runs/bench-converged] [--table]
+
+It prints one table per alpha and writes OUT/converged-a{alpha}.png: accuracy against
+cumulative upload bytes, mean over seeds with the min..max band (past the round where a
+seed's LoRA run stopped, the line is the mean of the seeds that went on).
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.engine import Simulation
-from fedlora.report.runs import read_metrics
+from fedlora.report import load_run, plot_utility_vs_upload
+from fedlora.report.runs import SeedGroup, read_metrics
 from fedlora.report.table import bytes_to_target
 from fedlora.rundir import has_checkpoint
 from fedlora.sweep import run_point
 
 ARMS = {"lora-r16": ["method.name=lora", "model.rank=16"],
         "flasc-r16-d1_4": ["method.name=flasc", "method.d_up=1/4"]}
+LABELS = {"lora-r16": "dense LoRA r=16", "flasc-r16-d1_4": "FLASC r=16, d_up = 1/4"}
 BASE = ["task.max_examples=20000", "task.test_size=1000", "client.max_steps=4",
         "clients_per_round=10", "eval_every=4", "client.workers=auto"]
 
@@ -108,17 +114,18 @@ def table(out: Path, alphas: list[str], window: int) -> None:
         print(f"\nalpha = {alpha}: seeds {seeds}; LoRA r16 rounds "
               f"{[rounds[s] for s in seeds]}, plateaued {[flat[s] for s in seeds]}, "
               f"plateau accuracy (mean of last {window} evals) {ms(list(ref.values()))}\n")
-        print("| arm | seeds | final accuracy | upload MB | bytes to LoRA plateau − 1 pt "
-              "(MB) | reached |")
-        print("|---|---|---|---|---|---|")
+        print(f"| arm | seeds | final accuracy | mean of last {window} evals | upload MB | "
+              "bytes to LoRA plateau − 1 pt (MB) | reached |")
+        print("|---|---|---|---|---|---|---|")
         for arm in ARMS:
-            accs, ups, hits = [], [], []
+            accs, lasts, ups, hits = [], [], [], []
             for s in seeds:
                 d = out / f"a{alpha}-{arm}-s{s}"
                 if not (d / "summary.json").exists():
                     continue
                 m = read_metrics(d / "metrics.jsonl")
                 accs.append(float(m["accuracy"].dropna().iloc[-1]))
+                lasts.append(float(m["accuracy"].dropna().iloc[-window:].mean()))
                 ups.append(int(m["cum_upload_bytes"].iloc[-1]))
                 hit = bytes_to_target(m, "accuracy", ref[s] - 0.01)
                 if hit is not None:
@@ -126,8 +133,16 @@ def table(out: Path, alphas: list[str], window: int) -> None:
             if not accs:
                 continue
             hit_s = ms(hits, 1) if hits else "–"
-            print(f"| {arm} | {len(accs)} | {ms(accs)} | {np.mean(ups) / 1e6:.1f} | {hit_s} | "
-                  f"{len(hits)}/{len(accs)} |")
+            print(f"| {arm} | {len(accs)} | {ms(accs)} | {ms(lasts)} | "
+                  f"{np.mean(ups) / 1e6:.1f} | {hit_s} | {len(hits)}/{len(accs)} |")
+        # One group per arm, though LoRA's seeds ran different numbers of rounds.
+        groups = [SeedGroup(LABELS[arm], [load_run(d) for s in seeds if (
+                      (d := out / f"a{alpha}-{arm}-s{s}") / "summary.json").exists()])
+                  for arm in ARMS]
+        png = plot_utility_vs_upload([g for g in groups if g.runs],
+                                     out / f"converged-a{alpha}.png",
+                                     title=f"wordnet-topics, α = {alpha}: accuracy vs upload")
+        print(f"\nplot: {png}")
 
 
 if __name__ == "__main__":
