@@ -22,9 +22,12 @@ plain arrays, no pickle) and every arm trains on exactly those batches:
   conflicts with ours, so it never enters our dependencies).
 
 Per round: median wall time over rounds 2..R (round 1 warms up). Each arm's ratio is to the
-bare loop measured in the same run. Evaluation is off on every side.
+bare loop measured in the same run. Evaluation is off on every side. With `--repeat N` the
+arm list runs N times in turn (bare, fedlora, bare, fedlora, ...), so a machine whose speed
+drifts slows both sides of each pass alike: an arm's ratio is then the median over passes
+of its time over that pass's bare time, and the table gives the range.
 
-    python benchmarks/peers.py [--rounds 6] [--threads 0]
+    python benchmarks/peers.py [--rounds 6] [--threads 0] [--repeat 1]
         [--arms bare,fedlora,lockstep,workers,flower,pfl]
 """
 
@@ -338,6 +341,8 @@ def main() -> None:
     ap.add_argument("--lockstep", type=int, default=10, help="K for the lockstep column")
     ap.add_argument("--workers", default="auto",
                     help="client.workers for the workers column (auto: one per thread)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the arm list this many times in turn; ratios per pass")
     ap.add_argument("--child", choices=["flower", "pfl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -366,11 +371,10 @@ def main() -> None:
     write_work(Simulation(cfg, tmp / "sample", progress=False, task=task), args.rounds,
                work_path)
     work, model_dir = Work(str(work_path)), str(minilm_dir())
-    times: dict[str, list[float]] = {}
     notes: dict[str, str] = {}
     versions = {"fedlora": "this checkout", "torch": torch.__version__}
 
-    def child(name: str, py: str) -> None:
+    def child(name: str, py: str) -> list[float] | None:
         result = tmp / f"{name}.json"
         cmd = [py, __file__, "--child", name, "--work", str(work_path), "--model-dir",
                model_dir, "--result", str(result), "--threads", str(args.threads)]
@@ -379,42 +383,49 @@ def main() -> None:
         if proc.returncode != 0 or not result.exists():
             notes[name] = f"failed: {proc.stderr.strip().splitlines()[-1:]}"
             print(proc.stderr[-4000:], file=sys.stderr)
-            return
-        times[name] = json.loads(result.read_text())
+            return None
+        return json.loads(result.read_text())
 
-    for arm in arms:
-        print(f"running {arm} ...", flush=True)
+    def run_arm(arm: str) -> list[float] | None:
+        """Per-round wall times of one arm, or None with a note saying why."""
         if arm == "bare":
-            times["bare"] = run_bare(work, model_dir)
-        elif arm == "fedlora":
-            times["fedlora"] = run_fedlora(args.rounds, args.threads, [], task)
-        elif arm == "lockstep":
+            return run_bare(work, model_dir)
+        if arm == "fedlora":
+            return run_fedlora(args.rounds, args.threads, [], task)
+        if arm == "lockstep":
             if not hasattr(cfg.client, "lockstep"):
                 notes["lockstep"] = "skipped: this checkout's config has no client.lockstep"
-                continue
-            times["lockstep"] = run_fedlora(args.rounds, args.threads,
-                                            [f"client.lockstep={args.lockstep}"], task)
-        elif arm == "workers":
-            times["workers"] = run_fedlora(args.rounds, args.threads,
-                                           [f"client.workers={args.workers}"])
-        elif arm == "flower":
+                return None
+            return run_fedlora(args.rounds, args.threads,
+                               [f"client.lockstep={args.lockstep}"], task)
+        if arm == "workers":
+            return run_fedlora(args.rounds, args.threads, [f"client.workers={args.workers}"])
+        if arm == "flower":
             import flwr
-
-            versions["flwr"] = flwr.__version__
             import ray
 
-            versions["ray"] = ray.__version__
-            child("flower", sys.executable)
-        elif arm == "pfl":
+            versions["flwr"], versions["ray"] = flwr.__version__, ray.__version__
+            return child("flower", sys.executable)
+        if arm == "pfl":
             py = str(ensure_pfl_venv())
             versions["pfl"] = version_of(py, "pfl")
             versions["torch (pfl venv)"] = version_of(py, "torch")
-            child("pfl", py)
-        print(f"  {arm}: {times.get(arm) or notes.get(arm)}", flush=True)
-    if "bare" not in times:
-        times["bare"] = run_bare(work, model_dir)
+            return child("pfl", py)
+        raise SystemExit(f"--arms: unknown arm {arm!r}")
 
-    bare = median_after_warmup(times["bare"])
+    if "bare" not in arms:
+        arms = ["bare", *arms]
+    passes: list[dict[str, list[float]]] = []
+    for rep in range(args.repeat):
+        times: dict[str, list[float]] = {}
+        for arm in arms:
+            print(f"pass {rep + 1}/{args.repeat}: running {arm} ...", flush=True)
+            got = run_arm(arm)
+            if got is not None:
+                times[arm] = got
+            print(f"  {arm}: {got or notes.get(arm)}", flush=True)
+        passes.append(times)
+
     labels = {"bare": "bare training loop (floor)", "fedlora": "fedlora, sequential",
               "lockstep": f"fedlora, lockstep K={args.lockstep}",
               "workers": f"fedlora, client.workers={args.workers} ({args.threads} threads "
@@ -422,15 +433,20 @@ def main() -> None:
               "flower": "Flower simulation engine (Ray), FedAvg-LoRA ClientApp",
               "pfl": "pfl-research, FedAvg, PyTorch backend"}
     print(f"\nversions: {json.dumps(versions)}; threads: {args.threads}; rounds: {args.rounds}"
-          f" (median over rounds 2..{args.rounds})")
-    print("\n| arm | s / round | × bare |\n|---|---|---|")
-    for arm in ["bare", *[a for a in arms if a != "bare"]]:
-        if arm in times:
-            s = median_after_warmup(times[arm])
-            print(f"| {labels[arm]} | {s:.2f} | {s / bare:.2f} |")
+          f" (median over rounds 2..{args.rounds}); passes: {args.repeat}")
+    print("\n| arm | s / round | × bare | × bare, range over passes |\n|---|---|---|---|")
+    for arm in arms:
+        per = [median_after_warmup(p[arm]) for p in passes if arm in p]
+        ratios = [median_after_warmup(p[arm]) / median_after_warmup(p["bare"])
+                  for p in passes if arm in p]
+        if per:
+            spread = (f"{min(ratios):.2f}–{max(ratios):.2f}"
+                      if len(ratios) > 1 and arm != "bare" else "–")
+            print(f"| {labels[arm]} | {statistics.median(per):.2f} | "
+                  f"{statistics.median(ratios):.2f} | {spread} |")
         else:
-            print(f"| {labels[arm]} | – | {notes.get(arm, 'not run')} |")
-    print(json.dumps({"times": times, "notes": notes, "versions": versions}))
+            print(f"| {labels[arm]} | – | {notes.get(arm, 'not run')} | – |")
+    print(json.dumps({"passes": passes, "notes": notes, "versions": versions}))
 
 
 if __name__ == "__main__":
