@@ -117,13 +117,16 @@ def table(out: Path, alphas: list[str], window: int) -> None:
         print(f"| arm | seeds | final accuracy | mean of last {window} evals | upload MB | "
               "bytes to LoRA plateau − 1 pt (MB) | reached |")
         print("|---|---|---|---|---|---|---|")
-        for arm in ARMS:
+        # One group per arm, though LoRA's seeds ran different numbers of rounds.
+        groups = [SeedGroup(LABELS[arm]) for arm in ARMS]
+        for arm, group in zip(ARMS, groups):
             accs, lasts, ups, hits = [], [], [], []
             for s in seeds:
                 d = out / f"a{alpha}-{arm}-s{s}"
                 if not (d / "summary.json").exists():
                     continue
-                m = read_metrics(d / "metrics.jsonl")
+                group.runs.append(run := load_run(d))
+                m = run.metrics
                 accs.append(float(m["accuracy"].dropna().iloc[-1]))
                 lasts.append(float(m["accuracy"].dropna().iloc[-window:].mean()))
                 ups.append(int(m["cum_upload_bytes"].iloc[-1]))
@@ -135,10 +138,6 @@ def table(out: Path, alphas: list[str], window: int) -> None:
             hit_s = ms(hits, 1) if hits else "–"
             print(f"| {arm} | {len(accs)} | {ms(accs)} | {ms(lasts)} | "
                   f"{np.mean(ups) / 1e6:.1f} | {hit_s} | {len(hits)}/{len(accs)} |")
-        # One group per arm, though LoRA's seeds ran different numbers of rounds.
-        groups = [SeedGroup(LABELS[arm], [load_run(d) for s in seeds if (
-                      (d := out / f"a{alpha}-{arm}-s{s}") / "summary.json").exists()])
-                  for arm in ARMS]
         png = plot_utility_vs_upload([g for g in groups if g.runs],
                                      out / f"converged-a{alpha}.png",
                                      title=f"wordnet-topics, α = {alpha}: accuracy vs upload")
